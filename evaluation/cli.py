@@ -1,0 +1,101 @@
+"""The ``conceptkit`` command.
+
+Each subcommand is a thin layer over the Python API: it parses options, runs one job, prints where the
+output is, and exits non-zero with a one-line reason on failure (``--debug`` shows the traceback).
+
+Examples
+--------
+.. code-block:: bash
+
+    conceptkit demo --out reports/demo
+    conceptkit world --n 500 --out data/world
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("conceptkit")
+
+
+def _cmd_world(args: argparse.Namespace) -> Path:
+    from concepts.world import ConceptWorld, save_folder
+
+    world = ConceptWorld(seed=args.seed, image_size=args.image_size)
+    batch = world.sample(args.n, seed=args.seed)
+    return save_folder(batch, args.out, world=world, fmt=args.format)
+
+
+def _cmd_demo(args: argparse.Namespace) -> Path:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, n=args.n, seed=args.seed, device=args.device, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``conceptkit`` (all subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="conceptkit",
+        description="Concept-based interpretability for PyTorch models (offline; built-in models included).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--offline", action="store_true", default=True,
+                        help="never contact a model hub (default: on; set HF_HUB_OFFLINE=0 to allow downloads)")
+
+    p = sub.add_parser("demo", parents=[common], help="run the main job on the built-in ConceptWorld and write a report",
+                       description="Render ConceptWorld, extract activations from the built-in CLIP into an "
+                                   "ActivationStore, measure what they encode, and write an HTML report.")
+    p.add_argument("--out", default="reports/demo", help="output folder (default reports/demo)")
+    p.add_argument("--n", type=int, default=1024, help="number of ConceptWorld images (default 1024)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("world", parents=[common], help="render a ConceptWorld sample to a folder of PNGs + labels",
+                       description="Write images/, masks/, labels.parquet (or .csv), objects.csv and world.json.")
+    p.add_argument("--n", type=int, default=500, help="number of images (default 500)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="label table format")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    p.set_defaults(func=_cmd_world)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``conceptkit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "offline", False):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        out = args.func(args)
+    except KeyboardInterrupt:
+        print("conceptkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one-line reason, traceback on --debug
+        if args.debug:
+            raise
+        print(f"conceptkit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"conceptkit {args.command}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

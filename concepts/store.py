@@ -555,6 +555,9 @@ class ActivationStore:
         parts: list[Tensor] = []
         for sid in range(len(self._index["shards"])):
             t = self._load(sid, [name])[name]
+            offset = int(self._index["shards"][sid].get("image_offset", 0))
+            if offset and name.endswith("::image_index"):  # merged distributed stores (concepts.distributed)
+                t = t + offset
             mask = self._rows_mask(sid, layer, token_types)
             if mask is not None:
                 t = t[mask]

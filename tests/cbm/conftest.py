@@ -20,7 +20,7 @@ import torch
 from concepts.vocabularies import conceptworld_vocabulary
 from concepts.world import DEFAULT_RULES, ConceptWorld
 
-RULE_CONCEPTS = sorted({c for r in DEFAULT_RULES for c in r.concepts})
+from cbm_testing import RULE_CONCEPTS  # noqa: E402,F401  (re-exported for fixtures)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from cbm.concept_sets import describe_rules, text_bank
 from cbm.metrics import evaluate, subset_accuracy, unit_alignment
 from concepts.world import DEFAULT_RULES
 
-from conftest import RULE_CONCEPTS
+from cbm_testing import RULE_CONCEPTS
 
 CONJUNCTION_CLASSES = [i for i, r in enumerate(DEFAULT_RULES) if len(r.concepts) >= 2]
 

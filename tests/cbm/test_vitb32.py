@@ -15,7 +15,7 @@ from cbm.concept_sets import describe_rules, text_bank
 from cbm.metrics import evaluate
 from concepts.world import DEFAULT_RULES, ConceptWorld
 
-from conftest import RULE_CONCEPTS
+from cbm_testing import RULE_CONCEPTS
 
 
 @pytest.fixture(scope="module")

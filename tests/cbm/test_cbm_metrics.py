@@ -12,7 +12,7 @@ from cbm.interventions import conceptworld_groups, intervention_curve
 from cbm.metrics import (auroc_matrix, concept_metrics, coverage, evaluate, expected_calibration_error,
                          explanation_size, name_quality, subset_accuracy, top_k_accuracy, unit_alignment)
 
-from conftest import RULE_CONCEPTS
+from cbm_testing import RULE_CONCEPTS
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ Examples
 
     conceptkit demo --out reports/demo
     conceptkit world --n 500 --out data/world
+    conceptkit blindspots --out reports/blindspots
 """
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def _cmd_demo(args: argparse.Namespace) -> Path:
     from .demo import run_demo
 
     return run_demo(out=args.out, n=args.n, seed=args.seed, device=args.device, progress=not args.quiet)
+
+
+def _cmd_extract(args: argparse.Namespace) -> Path:
+    from concepts.distributed import run_extract_job
+
+    layers = [x for x in args.layers.split(",")] if args.layers is not None else None
+    return run_extract_job(args.out, n=args.n, images=args.images, model=args.model, layers=layers,
+                           pooling=args.pooling, seed=args.seed, image_size=args.image_size,
+                           batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                           resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _cmd_blindspots(args: argparse.Namespace) -> Path:
+    from .blindspots_job import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="label table format")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     p.set_defaults(func=_cmd_world)
+
+    p = sub.add_parser("extract", parents=[common], help="extract activations into a sharded ActivationStore "
+                       "(runs split over ranks under torchrun)",
+                       description="Run a zoo model over ConceptWorld images (or an image folder) and store its "
+                                   "activations. Under `torchrun --nproc-per-node N -m evaluation.cli extract ...` "
+                                   "each rank extracts a slice into OUT/rank-<r>/ and rank 0 writes the merged "
+                                   "index; restart with --resume after a failure.")
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--num-images", "--n", dest="n", type=int, default=1000,
+                   help="number of ConceptWorld images (default 1000; under torchrun spell it --num-images)")
+    p.add_argument("--images", default=None, help="folder of image files to use instead of ConceptWorld")
+    p.add_argument("--image-size", type=int, default=64, help="ConceptWorld image side (default 64)")
+    p.add_argument("--model", default="conceptworld-clip", help="zoo model (default conceptworld-clip)")
+    p.add_argument("--layers", default=None, help="comma-separated module names ('' = image embedding; default)")
+    p.add_argument("--pooling", default="mean", help="pooling of --layers other than '' (default mean)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard (default: automatic)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:<LOCAL_RANK> per rank under torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue this rank's partial sub-store")
+    p.add_argument("--overwrite", action="store_true", help="replace existing sub-stores")
+    p.set_defaults(func=_cmd_extract)
+
+    from .blindspots_job import add_arguments as _blindspots_arguments
+
+    p = sub.add_parser(
+        "blindspots", help="find concepts generators suppress or exaggerate; write an HTML report",
+        description="Prompt generators with the captions of real images, encode real and generated images with an "
+                    "encoder + sparse autoencoder, and test every concept for suppression / exaggeration (paired "
+                    "bootstrap CIs, sign-flip tests, BH-FDR). With no options: ConceptWorld, both built-in "
+                    "generators, the built-in CLIP and an SAE trained on the fly; writes reports/blindspots/.")
+    _blindspots_arguments(p)
+    p.set_defaults(func=_cmd_blindspots)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""Planted blindspots: are known suppressed / exaggerated concepts flagged, and does a null comparison flag nothing?
+
+Run: ``.venv/bin/python benchmarks/blindspots_planted.py`` (no arguments; ``--quick`` for a smaller run).
+
+Set-up (all seeded, offline, on the built-in models):
+
+* **real set**: 1,000 ConceptWorld renders (32 px, the built-in generators' size) in which purple objects and dots
+  backgrounds are rare (weights 0.15), so that a generator can exaggerate them;
+* **lens**: the default of ``conceptkit blindspots`` -- built-in CLIP, tokens of ``visual.layer3`` (4x4), TopK SAE
+  (256 concepts, k = 8, 20 epochs) trained on the real tokens, energies summed over tokens;
+* **unit -> concept map**: each SAE unit is read as the ConceptWorld concept its energy predicts best, when that
+  AUROC is >= 0.9 on an independent labelled sample of the default (uniform) world
+  (:func:`evaluation.blindspots_world.unit_concept_map`);
+* **plant 1, training-data bias** (``world-bias``): :class:`~evaluation.blindspots_world.WorldGenerator` draws every
+  caption faithfully except that it never draws red, yellow, stripes or blue circles and turns 35 % of the objects
+  purple and 60 % of the backgrounds into dots -- 6 planted concepts (4 suppressed, 2 exaggerated);
+* **plant 2, steering** (when the built-in generators are installed): the built-in diffusion model and AR model with
+  a direction edit on the text tower's token embeddings (``ProjectOut`` of the word embedding of ``red`` removes it
+  from every prompt token: red is suppressed; ``AddVector`` of the word embedding of ``purple`` adds it to every
+  token: purple is exaggerated), compared with the *unsteered* model on the same captions and seeds (so the
+  natural blindspots of the model cancel out and only the plant remains); the truth of steered images is read by
+  the ConceptWorld detector;
+* **null comparisons**: the real set against (a) an independent sample of the same world, unpaired, and (b) the
+  faithful ``WorldGenerator`` (same captions, new positions); with plant 2, also the unsteered generator against
+  itself with other seeds.
+
+Scores (:func:`evaluation.blindspots_world.planted_recovery`, concept level): precision = flagged concepts whose
+label frequency really changed >= 2-fold in the flagged direction / flagged concepts; recall = planted concepts
+found (themselves or a composition containing them, e.g. ``red circle`` for ``red``) / planted concepts, at the
+default thresholds (q <= 0.05, delta outside [0.2, 0.8], support >= 10 pairs). ``precision`` and ``recall`` in
+``RESULT`` pool every plant (flagged concepts and planted concepts summed over plants); ``null_flags`` counts the
+flagged concepts of all null comparisons.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+N = 400 if QUICK else 1000
+SAE = {"n_concepts": 128, "top_k": 8, "n_epochs": 10} if QUICK else {"n_concepts": 256, "top_k": 8, "n_epochs": 20}
+WORLD_PLANT = {"suppress": {"red": 1.0, "yellow": 1.0, "stripes": 1.0, "blue circle": 1.0},
+               "exaggerate": {"purple": 0.35, "dots": 0.6}}
+
+
+def _builtin_generators() -> list[str]:
+    from concepts.zoo.checkpoint import weights_dir
+
+    out = []
+    for name in ("conceptworld-diffusion", "conceptworld-ar"):
+        try:
+            if (Path(weights_dir(name)) / "config.json").exists():
+                out.append(name)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+    return out
+
+
+def _score(result, unit_map, truth, planted) -> dict:
+    from evaluation.blindspots_world import planted_recovery
+
+    rec = planted_recovery(result.concepts, unit_map, truth, planted)
+    return rec
+
+
+def _steering_edits(gen, name: str):
+    """(suppress-red edit, exaggerate-purple edit) on the token embeddings of the generator's text tower."""
+    from concepts.generators import AddVector, ProjectOut
+
+    cond = gen.conditioner
+    layer = next(n for n in gen.module_names("text_encoder") if n.endswith("token_embedding"))
+    emb = cond.get_submodule(layer.split(".", 1)[1]).weight.detach() if "." in layer else None
+    tok = cond.tokenizer
+    red = emb[int(tok(["red"])[0][1])]
+    purple = emb[int(tok(["purple"])[0][1])]
+    return layer, ProjectOut(red), AddVector(purple, strength=1.0)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    from concepts import zoo
+    from concepts.world import ConceptWorld
+    from evaluation.blindspots import compare_energies, find_blindspots, generate_images
+    from evaluation.blindspots_coder import ConceptCoder
+    from evaluation.blindspots_world import WorldGenerator, label_changes, unit_concept_map
+
+    t_all = time.perf_counter()
+    real_world = ConceptWorld(seed=0, image_size=32, colour_probs={"purple": 0.15}, background_probs={"dots": 0.15})
+    real = real_world.sample(N, seed=1)
+    coder = ConceptCoder.builtin(progress=False, random_state=0, **SAE)
+    t0 = time.perf_counter()
+    coder.fit(real.images)
+    fit_s = time.perf_counter() - t0
+    ref = ConceptWorld(seed=0, image_size=32).sample(N, seed=12345)
+    unit_map = unit_concept_map(coder.transform(ref.images), ref.concepts)
+    visible = sorted(unit_map.loc[unit_map["mapped"], "truth"].unique())
+
+    rows, null_rows = [], []
+    plant = WorldGenerator(**WORLD_PLANT, model_id="world-bias")
+    faithful = WorldGenerator(model_id="world-faithful")
+    independent = real_world.sample(N, seed=99)
+    t0 = time.perf_counter()
+    analysis = find_blindspots(real.images, real.captions, generators={"world-bias": plant, "world-faithful": faithful},
+                               generated={"independent-sample": independent.images}, coder=coder, progress=False)
+    world_s = time.perf_counter() - t0
+    truth = label_changes(real.concepts, plant.concepts(plant.generate(real.captions, analysis.seeds)))
+    rec = _score(analysis.results["world-bias"], unit_map, truth, plant.planted)
+    rows.append(("world-bias (training-data bias)", plant.planted, rec))
+    for g in ("world-faithful", "independent-sample"):
+        s = analysis.results[g].summary()
+        null_rows.append((g, s["suppressed"] + s["exaggerated"], s["n_tested"]))
+
+    steering_info = []
+    for name in _builtin_generators():
+        gen = zoo.load(name)
+        layer, suppress_red, exaggerate_purple = _steering_edits(gen, name)
+        seeds = list(range(N))
+        t0 = time.perf_counter()
+        base, _ = generate_images(gen, real.captions, seeds, batch_size=100, progress=False)
+        other, _ = generate_images(gen, real.captions, [s + 100_000 for s in seeds], batch_size=100, progress=False)
+        detector = zoo.load("conceptworld-detector")
+        base_lab = detector.detect(base)
+        e_base = coder.transform(base)
+        null = compare_energies(e_base, coder.transform(other), names=coder.names)
+        ns = null.summary()
+        null_rows.append((f"{name} vs itself (other seeds)", ns["suppressed"] + ns["exaggerated"], ns["n_tested"]))
+        for label, edit, planted in (("ProjectOut(red)", suppress_red, {"red": "suppressed"}),
+                                     ("AddVector(purple)", exaggerate_purple, {"purple": "exaggerated"})):
+
+            class _Steered:
+                def __init__(self, g, hooks):
+                    self.g, self.hooks, self.model_id = g, hooks, f"{name}+{label}"
+
+                def generate(self, prompts, seeds, **kw):
+                    return self.g.run_with_hooks(prompts, seeds, self.hooks, **kw)
+
+            steered, _ = generate_images(_Steered(gen, {layer: edit}), real.captions, seeds, batch_size=100,
+                                         progress=False)
+            res = compare_energies(e_base, coder.transform(steered), names=coder.names)
+            truth_s = label_changes(base_lab, detector.detect(steered))
+            rows.append((f"{name} + {label} (steering)", planted, _score(res, unit_map, truth_s, planted)))
+        steering_info.append((name, layer, time.perf_counter() - t0))
+
+    # ---------------------------------------------------------------- report
+    print(f"Planted blindspots on ConceptWorld ({N} caption pairs; lens: built-in CLIP {coder.layer_}, "
+          f"TopK SAE {SAE['n_concepts']}/{SAE['top_k']}; {int(unit_map['mapped'].sum())} units map to "
+          f"{len(visible)} concepts with AUROC >= 0.9)")
+    print(f"visible concepts: {', '.join(visible)}")
+    print(f"SAE fit {fit_s:.1f} s; world plants + nulls {world_s:.1f} s")
+    print()
+    print(f"{'plant':45s} {'planted':>7s} {'found':>5s} {'flagged':>7s} {'correct':>7s} {'unmapped':>8s} "
+          f"{'precision':>9s} {'recall':>6s}")
+    tot_flag = tot_ok = tot_planted = tot_found = 0
+    for label, planted, rec in rows:
+        n_found = int(sum(rec["found"].values()))
+        print(f"{label:45s} {len(planted):7d} {n_found:5d} {rec['n_flagged_concepts']:7d} {rec['n_correct']:7d} "
+              f"{rec['n_unmapped_flagged']:8d} {rec['precision']:9.3f} {rec['recall']:6.3f}")
+        for concept, ok in rec["found"].items():
+            print(f"    {planted[concept]:11s} {concept:14s} found={ok} visible={rec['visible'][concept]}")
+        tot_flag += rec["n_flagged_concepts"]
+        tot_ok += rec["n_correct"]
+        tot_planted += len(planted)
+        tot_found += n_found
+    print()
+    print(f"{'null comparison':45s} {'flags':>5s} {'tested':>6s}")
+    for label, flags, tested in null_rows:
+        print(f"{label:45s} {flags:5d} {tested:6d}")
+    for name, layer, secs in steering_info:
+        print(f"steering on {name}: edited layer {layer}, {secs:.1f} s")
+    if not steering_info:
+        print("steering plants skipped: built-in generators not installed")
+    result = {
+        "precision": round(tot_ok / tot_flag, 4) if tot_flag else None,
+        "recall": round(tot_found / tot_planted, 4),
+        "null_flags": int(sum(f for _, f, _ in null_rows)),
+        "n_planted": tot_planted,
+        "world_precision": round(rows[0][2]["precision"], 4),
+        "world_recall": round(rows[0][2]["recall"], 4),
+        "n_pairs": N,
+        "visible_concepts": len(visible),
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

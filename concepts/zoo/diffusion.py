@@ -84,6 +84,8 @@ def build_scheduler(cfg: dict, *, source: str = "scheduler config") -> Any:
     """``diffusers.DDIMScheduler(**cfg)``."""
     from diffusers import DDIMScheduler
 
+    if isinstance(cfg, dict) and cfg.get("timestep_spacing") == "trailing":
+        cfg = {**cfg, "steps_offset": 1}  # unused by "trailing"; 1 keeps StableDiffusionPipeline from rewriting it
     return _build(DDIMScheduler, cfg, source)
 
 

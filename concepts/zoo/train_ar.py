@@ -60,6 +60,9 @@ PRIOR_WIDTH = 64
 PRIOR_CONTEXT = 32
 PRIOR_DEFAULTS: dict = {"total_steps": 1200, "ema": 0.995, "p_uncond": 0.0, "warmup_steps": 100}
 """Stage ``prior``: the language model trained unconditionally (all-zero text states, no CLIP needed)."""
+FOCUS_DEFAULTS: dict = {"total_steps": 4000, "lr": 6e-4, "warmup_steps": 100, "object_weight": 4.0,
+                        "small_object_weight": 8.0}
+"""Stage ``focus``: continues the ``lm`` stage with the loss weighted towards the tokens of patches covering objects."""
 
 
 @dataclass
@@ -119,6 +122,8 @@ class LMConfig:
     p_template: float = 0.1
     mix: dict = field(default_factory=lambda: dict(CAPTION_MIX))
     monitor_size: int = 64
+    object_weight: float = 0.0
+    small_object_weight: float = 0.0
 
 
 def _images(batch) -> torch.Tensor:
@@ -264,8 +269,13 @@ class LMTrainer(ResumableTrainer):
         out = model.model.language_model(inputs_embeds=embeds, use_cache=False)
         h = out.last_hidden_state[:, prefix.shape[1] - 1:]  # positions predicting image tokens 0..63
         logits = model.model.generation_head(h)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-        return {"loss": ce}
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+        ce = ce.view(tokens.shape)
+        if c.object_weight or c.small_object_weight:  # weight the tokens of patches covering objects
+            side = self.vq_cfg.image_size // self.vq_cfg.tokens_per_side
+            w = F.avg_pool2d(pixel_weights(b, c.object_weight, c.small_object_weight), side).flatten(1)  # raster
+            return {"loss": ((ce * w).sum(1) / w.sum(1)).mean(), "ce": ce.mean()}
+        return {"loss": ce.mean(), "ce": ce.mean()}
 
     def generator(self, model: torch.nn.Module | None = None) -> ConceptWorldJanusGenerator:
         return ConceptWorldJanusGenerator((model or self.trained).eval(), self.conditioner, model_id=AR_NAME,
@@ -288,8 +298,7 @@ class LMTrainer(ResumableTrainer):
         return {k: q[k] for k in ("colour", "shape", "colour_shape", "count", "background", "colour_extra", "shape_extra")
                 if k in q}
 
-    def export(self, out: Path, *, vq_record: dict, prior_record: dict | None = None, command: str | None = None,
-               threads: int | None = None) -> dict:
+    def export(self, out: Path, *, records: dict, command: str | None = None, threads: int | None = None) -> dict:
         """Write ``config.json`` and ``model.safetensors`` to ``out``."""
         out.mkdir(parents=True, exist_ok=True)
         model = self.trained
@@ -308,11 +317,12 @@ class LMTrainer(ResumableTrainer):
             "weights": {"file": "model.safetensors", "sha256": sha256_file(weights),
                         "n_parameters": sum(p.numel() for p in model.parameters())},
             "training": {
-                "vq": vq_record,
-                "prior": prior_record,
-                "lm": {"command": command, "torch_threads": threads, "wall_time_s": round(self.elapsed_s, 1),
-                       "config": dataclasses.asdict(self.config), "history": self.history,
-                       "train_sample_seed": LM_SAMPLE_SEED_OFFSET + self.config.seed},
+                **records,
+                self.config.stage: {
+                    "command": command, "torch_threads": threads, "wall_time_s": round(self.elapsed_s, 1),
+                    "config": dataclasses.asdict(self.config), "history": self.history,
+                    "train_sample_seed": LM_SAMPLE_SEED_OFFSET + self.config.seed,
+                },
                 "torch": torch.__version__,
             },
         }
@@ -332,7 +342,7 @@ def _load_vq_stage(work: Path) -> tuple[dict, VQConfig, dict]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m concepts.zoo.train_ar --help``)."""
     parser = argparse.ArgumentParser(description="Train the built-in ConceptWorld autoregressive (Janus) model.")
-    parser.add_argument("--stage", choices=("vq", "prior", "lm"), required=True)
+    parser.add_argument("--stage", choices=("vq", "prior", "lm", "focus"), required=True)
     parser.add_argument("--work", required=True, type=Path, help="working folder (checkpoints, stage outputs)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the shipped files (default WORK/export)")
     parser.add_argument("--seed", type=int, default=0)
@@ -392,17 +402,28 @@ def main(argv: list[str] | None = None) -> int:
         prior_record = read_json(work / "prior" / "prior_record.json")
         prior_state = load_file(str(work / "prior" / "model.safetensors"))
     conditioner = CLIPTextConditioner.from_zoo()
-    cfg = LMConfig(seed=args.seed, **steps)
-    trainer = LMTrainer(cfg, vq_state, vq_cfg, conditioner, init_state=prior_state)
-    trainer.fit(work / "lm_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
+    base_record = None
+    if args.stage == "focus":  # continue from the EMA weights of the (stopped) lm stage, object-weighted loss
+        base_meta = read_json(work / "lm_ckpt" / "last.json")
+        base = load_file(str(work / "lm_ckpt" / "last.safetensors"))
+        init_state = {k[4:]: v for k, v in base.items() if k.startswith("ema.")}
+        base_record = {"steps": base_meta["step"], "wall_time_s": base_meta["elapsed_s"],
+                       "config": base_meta["config"], "history": base_meta["history"]}
+        cfg = LMConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps})
+        ckpt = work / "focus_ckpt"
+    else:
+        init_state, cfg, ckpt = prior_state, LMConfig(seed=args.seed, **steps), work / "lm_ckpt"
+    trainer = LMTrainer(cfg, vq_state, vq_cfg, conditioner, init_state=init_state)
+    trainer.fit(ckpt, progress=not args.no_progress, max_steps=args.max_steps)
     if trainer.step_index < cfg.total_steps:
         logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
         return 0
-    vq_record = {k: v for k, v in vq_record.items() if k != "sha256"}
+    records = {"vq": {k: v for k, v in vq_record.items() if k != "sha256"}}
     if prior_record is not None:
-        prior_record = {k: v for k, v in prior_record.items() if k != "sha256"}
-    config = trainer.export(args.out or work / "export", vq_record=vq_record, prior_record=prior_record,
-                            command=command, threads=args.threads)
+        records["prior"] = {k: v for k, v in prior_record.items() if k != "sha256"}
+    if base_record is not None:
+        records["lm"] = base_record
+    config = trainer.export(args.out or work / "export", records=records, command=command, threads=args.threads)
     logger.info("exported %s", config["weights"])
     return 0
 

@@ -56,6 +56,9 @@ MONITOR_SAMPLE_SEED = 777
 PRIOR_CONTEXT = 32
 PRIOR_DEFAULTS: dict = {"total_steps": 1200, "ema": 0.995, "p_uncond": 0.0, "warmup_steps": 100}
 """Stage ``prior``: the UNet trained unconditionally (all-zero text states, no CLIP needed)."""
+FOCUS_DEFAULTS: dict = {"total_steps": 4000, "lr": 4e-4, "warmup_steps": 100, "object_weight": 4.0,
+                        "small_object_weight": 8.0, "prediction_type": "v_prediction", "zero_terminal_snr": True}
+"""Stage ``focus``: continues the ``unet`` stage with the loss weighted towards the latent pixels covering objects."""
 
 CAPTION_MIX: dict[str, float] = {
     "full": 0.5, "partial": 0.2, "colour": 0.05, "shape": 0.05, "colour_shape": 0.1, "size": 0.02,
@@ -121,6 +124,10 @@ class UNetConfig:
     mix: dict = field(default_factory=lambda: dict(CAPTION_MIX))
     num_train_timesteps: int = 1000
     monitor_size: int = 64
+    object_weight: float = 0.0
+    small_object_weight: float = 0.0
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
 
     def unet_config(self, latent_size: int, latent_channels: int, text_width: int) -> dict:
         n = len(self.block_out_channels)
@@ -135,11 +142,14 @@ class UNetConfig:
         }
 
     def scheduler_config(self) -> dict:
-        return {
+        cfg = {
             "num_train_timesteps": self.num_train_timesteps, "beta_start": 0.00085, "beta_end": 0.012,
-            "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+            "beta_schedule": "scaled_linear", "prediction_type": self.prediction_type, "clip_sample": False,
             "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
         }
+        if self.zero_terminal_snr:  # Lin et al. 2024: the last step is pure noise; needs v-prediction
+            cfg.update({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"})  # (ignores steps_offset)
+        return cfg
 
 
 def _images(batch) -> torch.Tensor:
@@ -234,6 +244,11 @@ class UNetTrainer(ResumableTrainer):
 
         from concepts.world import ConceptWorld
 
+        if config.zero_terminal_snr and config.prediction_type != "v_prediction":
+            raise ValueError(
+                "zero_terminal_snr=True needs prediction_type='v_prediction' (with zero SNR the last step is pure "
+                f"noise and epsilon-prediction carries no signal), got prediction_type={config.prediction_type!r}."
+            )
         self.vae = vae.eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
@@ -278,9 +293,20 @@ class UNetTrainer(ResumableTrainer):
         zt = self.noise.add_noise(z, eps, t)
         pred = self.model(zt, t, encoder_hidden_states=text).sample
         snr = self.snr[t]
-        w = torch.clamp(snr, max=c.min_snr_gamma) / snr
-        mse = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
-        return {"loss": (w * mse).mean(), "mse": mse.mean()}
+        if c.prediction_type == "v_prediction":
+            target = self.noise.get_velocity(z, eps, t)
+            w = (torch.clamp(snr, max=c.min_snr_gamma) + 1) / (snr + 1)  # min-SNR-gamma for v (x0-MSE weight)
+        else:
+            target = eps
+            w = torch.clamp(snr, max=c.min_snr_gamma) / snr
+        err = (pred - target) ** 2
+        mse = err.mean(dim=(1, 2, 3))
+        if c.object_weight or c.small_object_weight:  # weight latent pixels by the objects they cover
+            pw = F.avg_pool2d(pixel_weights(b, c.object_weight, c.small_object_weight), b.images.shape[1] // err.shape[-1])
+            weighted = (err * pw).sum(dim=(1, 2, 3)) / (pw.sum(dim=(1, 2, 3)) * err.shape[1])
+        else:
+            weighted = mse
+        return {"loss": (w * weighted).mean(), "mse": mse.mean()}
 
     def pipeline(self, unet: torch.nn.Module | None = None):
         return build_pipeline(self.vae, (unet or self.trained).eval(), build_scheduler(self.scheduler_cfg))
@@ -310,8 +336,7 @@ class UNetTrainer(ResumableTrainer):
         return {k: q[k] for k in ("colour", "shape", "colour_shape", "count", "background", "colour_extra", "shape_extra")
                 if k in q}
 
-    def export(self, out: Path, *, vae_record: dict, prior_record: dict | None = None, command: str | None = None,
-               threads: int | None = None) -> dict:
+    def export(self, out: Path, *, records: dict, command: str | None = None, threads: int | None = None) -> dict:
         """Write ``config.json``, ``vae.safetensors`` and ``unet.safetensors`` to ``out``."""
         out.mkdir(parents=True, exist_ok=True)
         unet = self.trained
@@ -335,11 +360,12 @@ class UNetTrainer(ResumableTrainer):
                          "n_parameters": sum(p.numel() for p in unet.parameters())},
             },
             "training": {
-                "vae": vae_record,
-                "prior": prior_record,
-                "unet": {"command": command, "torch_threads": threads, "wall_time_s": round(self.elapsed_s, 1),
-                         "config": dataclasses.asdict(self.config), "history": self.history,
-                         "train_sample_seed": UNET_SAMPLE_SEED_OFFSET + self.config.seed},
+                **records,
+                self.config.stage: {
+                    "command": command, "torch_threads": threads, "wall_time_s": round(self.elapsed_s, 1),
+                    "config": dataclasses.asdict(self.config), "history": self.history,
+                    "train_sample_seed": UNET_SAMPLE_SEED_OFFSET + self.config.seed,
+                },
                 "torch": torch.__version__,
             },
         }
@@ -366,7 +392,7 @@ def _load_vae_stage(work: Path):
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m concepts.zoo.train_diffusion --help``)."""
     parser = argparse.ArgumentParser(description="Train the built-in ConceptWorld diffusion model.")
-    parser.add_argument("--stage", choices=("vae", "prior", "unet"), required=True)
+    parser.add_argument("--stage", choices=("vae", "prior", "unet", "focus"), required=True)
     parser.add_argument("--work", required=True, type=Path, help="working folder (checkpoints, stage outputs)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the shipped files (default WORK/export)")
     parser.add_argument("--seed", type=int, default=0)
@@ -426,17 +452,29 @@ def main(argv: list[str] | None = None) -> int:
         prior_record = read_json(work / "prior" / "prior_record.json")
         prior_state = load_file(str(work / "prior" / "unet.safetensors"))
     conditioner = CLIPTextConditioner.from_zoo()
-    cfg = UNetConfig(seed=args.seed, **steps)
-    trainer = UNetTrainer(cfg, vae, conditioner, init_state=prior_state)
-    trainer.fit(work / "unet_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
+    base_record = None
+    if args.stage == "focus":  # continue from the EMA weights of the (stopped) unet stage, object-weighted loss
+        base_meta = read_json(work / "unet_ckpt" / "last.json")
+        base = load_file(str(work / "unet_ckpt" / "last.safetensors"))
+        init_state = {k[4:]: v for k, v in base.items() if k.startswith("ema.")}
+        base_record = {"command": base_meta.get("command"), "steps": base_meta["step"],
+                       "wall_time_s": base_meta["elapsed_s"], "config": base_meta["config"],
+                       "history": base_meta["history"]}
+        cfg = UNetConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps})
+        ckpt = work / "focus_ckpt"
+    else:
+        init_state, cfg, ckpt = prior_state, UNetConfig(seed=args.seed, **steps), work / "unet_ckpt"
+    trainer = UNetTrainer(cfg, vae, conditioner, init_state=init_state)
+    trainer.fit(ckpt, progress=not args.no_progress, max_steps=args.max_steps)
     if trainer.step_index < cfg.total_steps:
         logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
         return 0
-    vae_record = {k: v for k, v in vae_record.items() if k not in ("vae", "sha256")}
+    records = {"vae": {k: v for k, v in vae_record.items() if k not in ("vae", "sha256")}}
     if prior_record is not None:
-        prior_record = {k: v for k, v in prior_record.items() if k != "sha256"}
-    config = trainer.export(args.out or work / "export", vae_record=vae_record, prior_record=prior_record,
-                            command=command, threads=args.threads)
+        records["prior"] = {k: v for k, v in prior_record.items() if k != "sha256"}
+    if base_record is not None:
+        records["unet"] = base_record
+    config = trainer.export(args.out or work / "export", records=records, command=command, threads=args.threads)
     logger.info("exported %s", config["weights"])
     return 0
 

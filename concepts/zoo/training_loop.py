@@ -175,6 +175,10 @@ class ResumableTrainer:
             return False
         meta = read_json(meta_path)
         saved, current = meta.get("config", {}), self._config_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+        for key in set(current) - set(saved):  # fields added since the checkpoint, left at their default
+            if json.loads(json.dumps(defaults.get(key, object()), default=str)) == current[key]:
+                saved[key] = current[key]
         if saved != current:
             diff = sorted(k for k in set(current) | set(saved) if saved.get(k) != current.get(k))
             raise ValueError(

@@ -14,12 +14,14 @@ Set-up (all seeded, offline, on the built-in models):
 * **plant 1, training-data bias** (``world-bias``): :class:`~evaluation.blindspots_world.WorldGenerator` draws every
   caption faithfully except that it never draws red, yellow, stripes or blue circles and turns 35 % of the objects
   purple and 60 % of the backgrounds into dots -- 6 planted concepts (4 suppressed, 2 exaggerated);
-* **plant 2, steering** (when the built-in generators are installed): the built-in diffusion model and AR model with
-  a direction edit on the text tower's token embeddings (``ProjectOut`` of the word embedding of ``red`` removes it
-  from every prompt token: red is suppressed; ``AddVector`` of the word embedding of ``purple`` adds it to every
-  token: purple is exaggerated), compared with the *unsteered* model on the same captions and seeds (so the
-  natural blindspots of the model cancel out and only the plant remains); the truth of steered images is read by
-  the ConceptWorld detector;
+* **plant 2, steering** (when the built-in generators are installed): the built-in diffusion and AR models with a
+  direction edit on the output of their text tower (the ``text_encoder`` hook, conditional rows only):
+  ``AddVector(-1.5 (v_red + v_stripes))`` on the first 500 captions, where ``v_c`` is the mean difference of the
+  conditional text states between 400-caption calibration prompts mentioning ``c`` and the same prompts with ``c`` swapped for another colour /
+  background (activation steering with counterfactual prompts). It is compared with the *unsteered* model on the
+  same captions and seeds, so the model's natural blindspots cancel out and only the plant remains; the truth of
+  the steered images (which concepts changed >= 2-fold, including side effects such as other colours taking red's
+  place) is read by the ConceptWorld detector;
 * **null comparisons**: the real set against (a) an independent sample of the same world, unpaired, and (b) the
   faithful ``WorldGenerator`` (same captions, new positions); with plant 2, also the unsteered generator against
   itself with other seeds.
@@ -44,12 +46,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 N = 400 if QUICK else 1000
 SAE = {"n_concepts": 128, "top_k": 8, "n_epochs": 10} if QUICK else {"n_concepts": 256, "top_k": 8, "n_epochs": 20}
+STEER_SUPPRESS = ("red", "stripes")
+STEER_STRENGTH = 1.5
 WORLD_PLANT = {"suppress": {"red": 1.0, "yellow": 1.0, "stripes": 1.0, "blue circle": 1.0},
                "exaggerate": {"purple": 0.35, "dots": 0.6}}
 
@@ -67,24 +70,48 @@ def _builtin_generators() -> list[str]:
     return out
 
 
-def _score(result, unit_map, truth, planted) -> dict:
-    from evaluation.blindspots_world import planted_recovery
+class SteeredGenerator:
+    """A generator whose every call runs with fixed activation edits (``run_with_hooks``)."""
 
-    rec = planted_recovery(result.concepts, unit_map, truth, planted)
-    return rec
+    def __init__(self, generator, hooks: dict, model_id: str) -> None:
+        self.generator, self.hooks, self.model_id = generator, hooks, model_id
+
+    def generate(self, prompts, seeds, **settings):
+        return self.generator.run_with_hooks(prompts, seeds, self.hooks, **settings)
 
 
-def _steering_edits(gen, name: str):
-    """(suppress-red edit, exaggerate-purple edit) on the token embeddings of the generator's text tower."""
-    from concepts.generators import AddVector, ProjectOut
+def _counterfactual(caption: str, concept: str, i: int) -> str:
+    """The caption with ``concept`` (a colour or a background) swapped for another value of its family."""
+    import re
 
-    cond = gen.conditioner
-    layer = next(n for n in gen.module_names("text_encoder") if n.endswith("token_embedding"))
-    emb = cond.get_submodule(layer.split(".", 1)[1]).weight.detach() if "." in layer else None
-    tok = cond.tokenizer
-    red = emb[int(tok(["red"])[0][1])]
-    purple = emb[int(tok(["purple"])[0][1])]
-    return layer, ProjectOut(red), AddVector(purple, strength=1.0)
+    from concepts.world.vocabulary import BACKGROUND_PHRASES, COLOURS
+
+    if concept in COLOURS:
+        others = [c for c in COLOURS if c != concept]
+        return re.sub(rf"\b{concept}\b", others[i % len(others)], caption)
+    others = [b for b in BACKGROUND_PHRASES if b != concept]
+    return caption[: -len(BACKGROUND_PHRASES[concept])] + BACKGROUND_PHRASES[others[i % len(others)]]
+
+
+def steering_direction(gen, layer: str, concept: str, captions: list[str], n: int = 80) -> torch.Tensor:
+    """Mean difference of the conditional activations of ``layer`` between captions with ``concept`` and the same
+    captions with it swapped for another value (over the token positions that differ): a concept direction."""
+    from concepts.world.vocabulary import BACKGROUND_PHRASES
+
+    if concept in BACKGROUND_PHRASES:
+        with_c = [c for c in captions if c.endswith(BACKGROUND_PHRASES[concept])][:n]
+    else:
+        with_c = [c for c in captions if f" {concept} " in f" {c} "][:n]
+    without = [_counterfactual(c, concept, i) for i, c in enumerate(with_c)]
+
+    short = {"steps": 1} if "steps" in getattr(gen, "settings", {}) else {}  # one denoising step is enough
+
+    def cond(prompts):
+        cache = gen.run_with_cache(prompts, list(range(len(prompts))), [layer], **short)
+        return cache.split_cfg(layer)[0].float()
+
+    diff = cond(with_c) - cond(without)
+    return diff[diff.abs().sum(-1) > 1e-4].mean(0)
 
 
 def main() -> None:
@@ -93,7 +120,8 @@ def main() -> None:
     from concepts.world import ConceptWorld
     from evaluation.blindspots import compare_energies, find_blindspots, generate_images
     from evaluation.blindspots_coder import ConceptCoder
-    from evaluation.blindspots_world import WorldGenerator, label_changes, unit_concept_map
+    from concepts.generators import AddVector
+    from evaluation.blindspots_world import WorldGenerator, label_changes, planted_recovery, unit_concept_map
 
     t_all = time.perf_counter()
     real_world = ConceptWorld(seed=0, image_size=32, colour_probs={"purple": 0.15}, background_probs={"dots": 0.15})
@@ -115,42 +143,43 @@ def main() -> None:
                                generated={"independent-sample": independent.images}, coder=coder, progress=False)
     world_s = time.perf_counter() - t0
     truth = label_changes(real.concepts, plant.concepts(plant.generate(real.captions, analysis.seeds)))
-    rec = _score(analysis.results["world-bias"], unit_map, truth, plant.planted)
+    rec = planted_recovery(analysis.results["world-bias"].concepts, unit_map, truth, plant.planted)
     rows.append(("world-bias (training-data bias)", plant.planted, rec))
     for g in ("world-faithful", "independent-sample"):
         s = analysis.results[g].summary()
         null_rows.append((g, s["suppressed"] + s["exaggerated"], s["n_tested"]))
 
     steering_info = []
+    n_steer = min(N, 500)
+    calib = ConceptWorld(seed=0, image_size=32).sample(400, seed=50).captions
     for name in _builtin_generators():
-        gen = zoo.load(name)
-        layer, suppress_red, exaggerate_purple = _steering_edits(gen, name)
-        seeds = list(range(N))
         t0 = time.perf_counter()
-        base, _ = generate_images(gen, real.captions, seeds, batch_size=100, progress=False)
-        other, _ = generate_images(gen, real.captions, [s + 100_000 for s in seeds], batch_size=100, progress=False)
+        gen = zoo.load(name)
         detector = zoo.load("conceptworld-detector")
-        base_lab = detector.detect(base)
+        # the conditional rows of the text conditioning: the text tower's output in the diffusion model (its encode
+        # calls are labelled cond / uncond); the aligner that feeds it to the language model in the AR model
+        layer = "model.aligner" if "model.aligner" in gen.module_names("model.aligner") else "text_encoder"
+        direction = sum(steering_direction(gen, layer, c, calib) for c in STEER_SUPPRESS)
+        edit = AddVector(direction, -STEER_STRENGTH, rows="cond")
+        caps, seeds = real.captions[:n_steer], list(range(n_steer))
+        base, _ = generate_images(gen, caps, seeds, batch_size=100, progress=False)
+        other, _ = generate_images(gen, caps, [s + 100_000 for s in seeds], batch_size=100, progress=False)
+        steered, _ = generate_images(SteeredGenerator(gen, {layer: edit}, f"{name}+steer"), caps, seeds,
+                                     batch_size=100, progress=False)
         e_base = coder.transform(base)
         null = compare_energies(e_base, coder.transform(other), names=coder.names)
         ns = null.summary()
         null_rows.append((f"{name} vs itself (other seeds)", ns["suppressed"] + ns["exaggerated"], ns["n_tested"]))
-        for label, edit, planted in (("ProjectOut(red)", suppress_red, {"red": "suppressed"}),
-                                     ("AddVector(purple)", exaggerate_purple, {"purple": "exaggerated"})):
-
-            class _Steered:
-                def __init__(self, g, hooks):
-                    self.g, self.hooks, self.model_id = g, hooks, f"{name}+{label}"
-
-                def generate(self, prompts, seeds, **kw):
-                    return self.g.run_with_hooks(prompts, seeds, self.hooks, **kw)
-
-            steered, _ = generate_images(_Steered(gen, {layer: edit}), real.captions, seeds, batch_size=100,
-                                         progress=False)
-            res = compare_energies(e_base, coder.transform(steered), names=coder.names)
-            truth_s = label_changes(base_lab, detector.detect(steered))
-            rows.append((f"{name} + {label} (steering)", planted, _score(res, unit_map, truth_s, planted)))
-        steering_info.append((name, layer, time.perf_counter() - t0))
+        res = compare_energies(e_base, coder.transform(steered), names=coder.names)
+        base_lab = detector.detect(base)
+        truth_s = label_changes(base_lab, detector.detect(steered))
+        planted = {c: "suppressed" for c in STEER_SUPPRESS}
+        rows.append((f"{name} steered (-{STEER_STRENGTH:g} v_{'-v_'.join(STEER_SUPPRESS)})", planted,
+                     planted_recovery(res.concepts, unit_map, truth_s, planted)))
+        moved = truth_s[truth_s["change"] != ""]
+        steering_info.append((name, layer, time.perf_counter() - t0,
+                              ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
+                                        zip(moved["truth"], moved["freq_real"], moved["freq_gen"]))))
 
     # ---------------------------------------------------------------- report
     print(f"Planted blindspots on ConceptWorld ({N} caption pairs; lens: built-in CLIP {coder.layer_}, "
@@ -176,8 +205,9 @@ def main() -> None:
     print(f"{'null comparison':45s} {'flags':>5s} {'tested':>6s}")
     for label, flags, tested in null_rows:
         print(f"{label:45s} {flags:5d} {tested:6d}")
-    for name, layer, secs in steering_info:
-        print(f"steering on {name}: edited layer {layer}, {secs:.1f} s")
+    for name, layer, secs, moved in steering_info:
+        print(f"steering on {name} ({n_steer} pairs, edited layer {layer}, {secs:.1f} s); detector-read concepts "
+              f"that changed >= 2-fold: {moved}")
     if not steering_info:
         print("steering plants skipped: built-in generators not installed")
     result = {

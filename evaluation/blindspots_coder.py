@@ -260,7 +260,8 @@ class ConceptCoder:
         spec
             ``"builtin"`` (or ``"conceptworld-clip"``); ``"dinov2"`` / ``"dinov2:PATH_OR_HUB_ID"`` (a transformers
             DINOv2 saved locally or in the cache; default id ``facebook/dinov2-with-registers-base``); otherwise an
-            open_clip model ``"NAME"`` or ``"NAME:PRETRAINED"`` (tag in the local cache or a checkpoint file).
+            open_clip model ``"NAME"`` or ``"NAME:PRETRAINED"`` (tag in the local cache or a checkpoint file), or an
+            open_clip schema name ``"local-dir:/path"`` / ``"hf-hub:org/repo"``.
         device
             Where the encoder runs.
         **kwargs
@@ -292,6 +293,8 @@ class ConceptCoder:
             return cls(encoder, **kwargs)
         from concepts.encoders import OpenCLIPEncoder
 
+        if head in ("local-dir", "hf-hub"):  # open_clip schemas: the whole spec is the model name
+            head, rest = spec, ""
         encoder = OpenCLIPEncoder.from_pretrained(head, pretrained=rest or None, device=device)
         return cls(encoder, **kwargs)
 
@@ -479,7 +482,7 @@ class ConceptCoder:
         base.loc[live, "similarity"] = top["similarity"].to_numpy()
         base.loc[live, "margin"] = top["margin"].to_numpy()
         base.loc[live, "alternatives"] = alts.reindex(range(len(live))).fillna("").to_numpy()
-        base.loc[~alive, "name"] = [f"unit {j} (dead)" for j in np.flatnonzero(~alive)]
+        base.loc[~alive, "name"] = [f"unit {j} (silent on real)" for j in np.flatnonzero(~alive)]
         return base
 
     def transform(self, images: Any) -> ConceptEnergies:

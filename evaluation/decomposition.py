@@ -717,7 +717,7 @@ def craft_crops(images: Tensor, patch_size: int, *, stride: int | None = None, s
     --------
     >>> import torch
     >>> craft_crops(torch.rand(2, 3, 32, 32), 16).shape
-    torch.Size([18, 3, 32, 32])
+    torch.Size([8, 3, 32, 32])
     """
     if not isinstance(images, Tensor) or images.ndim != 4:
         raise ValueError(

@@ -403,7 +403,25 @@ class ImportanceComparison:
         return add_importance_section(report, comparison=self, **kwargs)
 
     def _repr_html_(self) -> str:
-        return "<h4>Concept importance: fidelity per method</h4>" + self.table.to_html(float_format="{:.4g}".format)
+        """Notebook view: the methods x metrics table, the fidelity bars and the cluster graph of the first method."""
+        import html
+
+        import matplotlib.pyplot as plt
+
+        from .report import figure_png, png_data_uri
+
+        parts = ["<h4>Concept importance: fidelity per method</h4>", self.table.to_html(float_format="{:.4g}".format)]
+        try:
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+            self.plot(ax=axes[0])
+            m = next(iter(self.phi))
+            self.cluster_graph(m, ax=axes[1], min_count=min(10, max(1, len(self.targets) // 10)),
+                               title=f"Strategic cluster graph ({m})")
+            parts.append(f'<img alt="{html.escape("fidelity and cluster graph")}" src="{png_data_uri(figure_png(fig))}">')
+        except Exception as err:  # a plot must never break the table view
+            logger.warning("could not draw the importance plots: %s", err)
+            plt.close("all")
+        return "".join(parts)
 
     def __repr__(self) -> str:
         return f"ImportanceComparison({len(self.phi)} methods, {len(self.targets)} inputs)\n{self.table}"
@@ -433,7 +451,8 @@ def compare_methods(
     model, inputs, target, decomposition, layer, **model_kwargs
         As for the importance methods; the concept model is built and ``inputs`` encoded once.
     methods
-        Method names (:data:`~evaluation.importance.METHODS`), method instances, or a mapping
+        Method names (:data:`~evaluation.importance.METHODS`), method instances built on ``model`` (a ready concept
+        model), or a mapping
         ``name -> kwargs`` (e.g. ``{"sobol": {"n_design": 16}, "gradient_input": {}}``). Gradient methods are
         skipped, with a log message, for models without gradients (generators).
     metrics
@@ -466,6 +485,11 @@ def compare_methods(
     rows, phis = [], {}
     for name, kw in items:
         if isinstance(name, ConceptAttribution):
+            if name.concept_model is not cm:
+                raise ValueError(
+                    f"the {type(name).__name__} instance was built on another concept model; pass methods by name, or "
+                    "build the instance on the concept model given to compare_methods (Method(cm))."
+                )
             method, label = name, name.name
         else:
             if name in METHODS and METHODS[name].requires_gradients and not cm.differentiable:

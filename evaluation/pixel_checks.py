@@ -7,8 +7,12 @@ attributions with captum (integrated gradients, by default inside a SmoothGrad n
 
 * **pointing game** (Zhang et al. 2016): a hit when the pixel of largest attribution lies inside the concept's mask
   (dilated by ``tolerance`` pixels);
-* **mass in mask**: the fraction of the (absolute, channel-summed) attribution that falls inside the mask, to be
+* **mass in mask**: the fraction of the (positive, channel-summed) attribution that falls inside the mask, to be
   read against ``mask_area`` (the fraction of the image the mask covers: the chance level).
+
+Baselines matter for integrated gradients: with a black baseline every textured background pixel differs from the
+baseline; a baseline equal to the plain background colour of ConceptWorld (``28 / 255``, an "empty scene") puts
+attribution only on what differs from an empty scene (objects and texture).
 
 The mask of a concept in an image (:func:`concept_masks`) is the union of the instance masks of the objects that
 carry it: colours, shapes, colour-shape pairs, sizes and positions (an object in the left column carries ``left``).
@@ -83,7 +87,7 @@ def concept_input_attribution(
     stdevs: float = 0.1,
     seed: int = 0,
     batch_size: int = 32,
-    aggregate: str = "abs",
+    aggregate: str = "positive",
 ) -> Tensor:
     """Per-pixel attribution of one concept score per image (captum), summed over colour channels.
 
@@ -104,8 +108,9 @@ def concept_input_attribution(
         Integrated-gradients baseline (0 = black image).
     n_steps, nt_samples, stdevs, seed, batch_size
         Method settings; ``batch_size`` images per captum call.
-    aggregate : {"abs", "positive", "signed"}, default="abs"
-        How channels are combined: sum of absolute values, of positive parts, or signed sum.
+    aggregate : {"positive", "abs", "signed"}, default="positive"
+        How channels are combined: sum of positive parts (evidence *for* the concept), of absolute values, or signed
+        sum. Saliency is already an absolute gradient.
 
     Returns
     -------
@@ -273,7 +278,7 @@ def mask_scores(attributions: Any, masks: Any, *, tolerance: int = 1) -> pd.Data
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Integral) or tolerance < 0:
         raise ValueError(f"tolerance must be an integer >= 0; got {tolerance!r}.")
     if (A < 0).any():
-        raise ValueError("attributions must be non-negative maps (aggregate='abs' or 'positive').")
+        raise ValueError("attributions must be non-negative maps (aggregate='positive' or 'abs').")
     if M.shape[1:] != A.shape[1:]:
         M = F.interpolate(M.float()[:, None], size=tuple(A.shape[1:]), mode="area")[:, 0] >= 0.5
     n, H, W = A.shape
@@ -323,7 +328,7 @@ def pixel_check(
         Model-ready images ``[n, C, H, W]`` for the batch (default: ``batch.images / 255``). Masks are resized to
         their size.
     method, noise_tunnel, **attribution_kwargs
-        See :func:`concept_input_attribution` (``aggregate`` must be ``"abs"`` or ``"positive"``).
+        See :func:`concept_input_attribution` (``aggregate`` must be ``"positive"`` or ``"abs"``).
     tolerance
         See :func:`mask_scores`.
     max_images
@@ -359,8 +364,8 @@ def pixel_check(
             raise ValueError(f"concept {c!r} is not an output of the concept model (concept_names has {names[:6]} ...).")
         if c not in cols:
             raise ValueError(f"concept {c!r} is not a column of the batch's ground truth.")
-    if attribution_kwargs.get("aggregate", "abs") == "signed":
-        raise ValueError("pixel_check needs non-negative maps: use aggregate='abs' or 'positive'.")
+    if attribution_kwargs.get("aggregate", "positive") == "signed":
+        raise ValueError("pixel_check needs non-negative maps: use aggregate='positive' or 'abs'.")
     x = _images_tensor(batch.images if images is None else images)
     if x.shape[0] != len(batch):
         raise ValueError(f"images has {x.shape[0]} rows but the batch has {len(batch)} images.")
@@ -400,7 +405,7 @@ def summarize_pixel_checks(df: pd.DataFrame, by: str = "family") -> pd.DataFrame
     >>> import pandas as pd
     >>> df = pd.DataFrame({"image": [0, 1], "concept": ["red", "red"], "family": ["colour"] * 2,
     ...                    "hit": [True, False], "mass_in_mask": [0.8, 0.4], "mask_area": [0.1, 0.1]})
-    >>> summarize_pixel_checks(df).loc["colour", "pointing_game"]
+    >>> float(summarize_pixel_checks(df).loc["colour", "pointing_game"])
     0.5
     """
     if by not in ("family", "concept"):

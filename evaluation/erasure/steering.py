@@ -86,6 +86,11 @@ class LeaceEdit(Edit):
         Fitted on the layer's features (``d`` = size of dimension ``dim`` of the layer output).
     strength : float, default 1.0
         0 is the identity (the layer output is returned untouched), 1 erases.
+    one_sided : Tensor, optional
+        [rank] signs ``+-1`` pointing from the eraser's ``bias`` toward the concept (in the coordinates
+        ``(x - bias) proj_right^T``). Given, only the part of each coordinate on the concept's side is removed
+        (``c -> sign * relu(sign * c)``): rows on the other side of the anchor are left alone. This is a
+        rectified, non-linear variant; the linear guarantee of LEACE then holds only for rows on the concept side.
     rows, steps, tokens, phases, dim
         See :class:`concepts.generators.Edit`.
 
@@ -95,6 +100,8 @@ class LeaceEdit(Edit):
     >>> e = LeaceEraser(torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0, 0.0]]), None, "orth")
     >>> LeaceEdit(e)(torch.tensor([[3.0, 4.0]])).tolist()
     [[0.0, 4.0]]
+    >>> LeaceEdit(e, one_sided=torch.tensor([1.0]))(torch.tensor([[3.0, 4.0], [-3.0, 4.0]])).tolist()
+    [[0.0, 4.0], [-3.0, 4.0]]
     """
 
     def __init__(
@@ -107,12 +114,20 @@ class LeaceEdit(Edit):
         tokens: StepSpec = None,
         phases: str | Sequence[str] | None = None,
         dim: int = -1,
+        one_sided: Tensor | None = None,
     ) -> None:
         super().__init__(rows=rows, steps=steps, tokens=tokens, phases=phases, dim=dim)
         if not isinstance(eraser, LeaceEraser):
             raise TypeError(f"eraser must be a LeaceEraser, got {type(eraser).__name__}.")
+        if one_sided is not None:
+            one_sided = torch.as_tensor(one_sided, dtype=torch.float64).reshape(-1)
+            if one_sided.shape[0] != eraser.rank or not bool((one_sided.abs() == 1).all()):
+                raise ValueError(
+                    f"one_sided must hold {eraser.rank} signs (+1 / -1), one per erased direction; got {one_sided.tolist()}."
+                )
         self.eraser = eraser
         self.strength = _check_strength(strength)
+        self.one_sided = one_sided
 
     def __call__(self, x: Tensor, ctx: CallContext | None = None) -> Tensor | None:
         if self.strength == 0.0:
@@ -121,12 +136,29 @@ class LeaceEdit(Edit):
 
     def delta(self, x: Tensor, ctx: CallContext | None) -> Tensor:
         d = self._feature_dim(x)
-        change = self.eraser.delta(x, dim=d)
+        if self.one_sided is None:
+            change = self.eraser.delta(x, dim=d)
+        else:
+            e = self.eraser
+            if x.shape[d] != e.dim:
+                raise ValueError(
+                    f"x has {x.shape[d]} features along dim {d} (shape {tuple(x.shape)}), but the eraser is expecting "
+                    f"{e.dim} features."
+                )
+            ct = torch.promote_types(x.dtype, torch.float32)
+            xm = x.movedim(d, -1).to(ct)
+            if e.bias is not None:
+                xm = xm - e.bias.to(device=x.device, dtype=ct)
+            coef = xm @ e.proj_right.to(device=x.device, dtype=ct).T
+            sign = self.one_sided.to(device=x.device, dtype=ct)
+            coef = sign * torch.relu(sign * coef)
+            change = (-(coef @ e.proj_left.to(device=x.device, dtype=ct).T)).movedim(-1, d).to(x.dtype)
         return change if self.strength == 1.0 else self.strength * change
 
     def __repr__(self) -> str:
         extra = self._restr_repr()
-        return f"LeaceEdit(rank={self.eraser.rank}, strength={self.strength}{', ' + extra if extra else ''})"
+        side = ", one_sided" if self.one_sided is not None else ""
+        return f"LeaceEdit(rank={self.eraser.rank}, strength={self.strength}{side}{', ' + extra if extra else ''})"
 
 
 def ablate_features(
@@ -611,13 +643,15 @@ class InferenceErasure:
 
     # -- constructors from fitted pieces ---------------------------------------------------------
     @classmethod
-    def from_eraser(cls, layer: str, eraser: LeaceEraser, **restrictions: Any) -> InferenceErasure:
-        """Erase with a :class:`LeaceEraser` (``restrictions``: rows, steps, tokens, phases, dim)."""
+    def from_eraser(cls, layer: str, eraser: LeaceEraser, *, one_sided: Tensor | None = None,
+                    **restrictions: Any) -> InferenceErasure:
+        """Erase with a :class:`LeaceEraser` (``restrictions``: rows, steps, tokens, phases, dim; ``one_sided``: see
+        :class:`LeaceEdit`)."""
         if not isinstance(eraser, LeaceEraser):
             raise TypeError(f"eraser must be a LeaceEraser, got {type(eraser).__name__}.")
-        LeaceEdit(eraser, **restrictions)  # validate now
-        return cls(layer, eraser.method, lambda s: LeaceEdit(eraser, s, **restrictions),
-                   {"eraser": eraser, "restrictions": dict(restrictions)})
+        LeaceEdit(eraser, one_sided=one_sided, **restrictions)  # validate now
+        return cls(layer, eraser.method, lambda s: LeaceEdit(eraser, s, one_sided=one_sided, **restrictions),
+                   {"eraser": eraser, "one_sided": one_sided, "restrictions": dict(restrictions)})
 
     @classmethod
     def from_direction(cls, layer: str, directions: Tensor, **restrictions: Any) -> InferenceErasure:
@@ -668,6 +702,7 @@ def fit_inference_erasure(
     phases: str | Sequence[str] | None = None,
     fitter_params: Mapping[str, Any] | None = None,
     anchor: str = "mean",
+    one_sided: bool = False,
     batch_size: int = 16,
     **settings: Any,
 ) -> InferenceErasure:
@@ -764,7 +799,13 @@ def fit_inference_erasure(
         if anchor == "other":
             eraser = LeaceEraser(eraser.proj_left, eraser.proj_right, Xo.to(eraser.proj_left.dtype).mean(0),
                                  eraser.method, {**eraser.metadata, "anchor": "other"})
-        er = InferenceErasure.from_eraser(layer, eraser, **restr)
+        sign = None
+        if one_sided:
+            e = eraser
+            centred = Xt.to(e.proj_left.dtype).mean(0) - (e.bias if e.bias is not None else 0.0)
+            sign = torch.sign(centred @ e.proj_right.T)
+            sign[sign == 0] = 1.0
+        er = InferenceErasure.from_eraser(layer, eraser, one_sided=sign, **restr)
         er.info.update(info, anchor=anchor)
         return er
     if method == "direction":

@@ -206,7 +206,7 @@ def test_coder_selects_vit_token_types_on_a_tiny_dinov2():
         c = ConceptCoder(enc, tokens=tokens, n_concepts=8, top_k=2, n_epochs=1, vocabulary=None,
                          progress=False).fit(images)
         counts[tokens] = c.tokens_per_image_
-        assert c.names[0] == "unit 0" or c.names[0].endswith("(dead)")
+        assert c.names[0] == "unit 0" or c.names[0].endswith("(silent on real)")
     assert counts == {"patch": 16, "all": 21, "cls": 1}
 
 
@@ -263,3 +263,22 @@ def test_detector_referee_sees_the_planted_suppression(world_setup, planted_run)
     assert status["red"] == "suppressed" and status["stripes"] == "suppressed" and status["blue"] == "aligned"
     agree = detector_agreement(analysis.results["planted"].concepts, unit_map, det)
     assert agree["precision"] == 1.0 and agree["n_visible"] >= 10
+
+
+def test_coder_from_open_clip_local_dir_spec(tmp_path):
+    """``--encoder local-dir:PATH``: a tiny random open_clip ViT; patch tokens exclude the class token; names come
+    from its text tower through the naming module."""
+    import json
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}))
+    torch.manual_seed(0)
+    images = ConceptWorld(seed=0, image_size=32).sample(12, seed=0).images
+    kw = {"n_concepts": 8, "top_k": 2, "n_epochs": 1, "progress": False}
+    patch = ConceptCoder.from_spec(f"local-dir:{tmp_path}", **kw).fit(images)
+    assert patch.layer_ == "visual.transformer.resblocks.1" and patch.tokens_per_image_ == 16
+    vocabulary = set(Vocabulary().concept_names)
+    assert all(n in vocabulary or n.endswith("(silent on real)") for n in patch.names)
+    every = ConceptCoder(patch.encoder, tokens="all", sae=patch.sae_, progress=False).fit(images)
+    assert every.tokens_per_image_ == 17

@@ -168,6 +168,12 @@ def test_errors(sd, janus, tmp_path):
         ESD(["a"], params="xatn").fit(sd)
     with pytest.raises(ValueError, match="matches no parameter"):
         ESD(["a"], params=["nothing_here"]).fit(sd)
+    with pytest.raises(ValueError, match="seeds must be a non-empty list"):
+        ESD(["a"], iterations=1, seeds=[], progress=False).fit(sd)
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        ESD(["a"], seed=-1).fit(sd)
+    with pytest.raises(ValueError, match="preserve_weight must be a non-negative"):
+        ESD(["a"], preserve_prompts=["b"], preserve_weight=-1.0).fit(sd)
     with pytest.raises(ValueError, match="window must be a positive int"):
         EAR([("a", "b")], window=0).fit(janus)
     with pytest.raises(TypeError, match="pairs must be a list"):

@@ -130,8 +130,11 @@ def test_compare_methods_table(linear_cm) -> None:
         res.local("lime")
     with pytest.raises(ValueError, match="methods is empty"):
         compare_methods(cm, state, methods=[])
-    res2 = compare_methods(cm, state, methods=["gradient_input", GradientXInput(cm)], metrics=["c_mufidelity"])
+    res2 = compare_methods(cm, state, methods=[GradientXInput(cm)], metrics=["c_mufidelity"])
     assert list(res2.table.columns) == ["c_mufidelity", "seconds", "n_images"]
+    other = LayerConceptModel(cm.model, cm.decomposition, "0")
+    with pytest.raises(ValueError, match="built on another concept model"):
+        compare_methods(cm, state, methods=[GradientXInput(other)])
 
 
 def test_comparison_renders_in_notebook_and_report(linear_cm, tmp_path) -> None:
@@ -144,6 +147,7 @@ def test_comparison_renders_in_notebook_and_report(linear_cm, tmp_path) -> None:
     assert isinstance(res, ImportanceComparison)
     html = res._repr_html_()
     assert "<table" in html and "gradient_input" in html and "c_mufidelity" in html
+    assert html.count("<img") == 1 and "data:image/png;base64," in html  # fidelity bars + cluster graph
     ax = res.plot()
     assert len(ax.patches) == 3 * 3
     ax2 = res.cluster_graph("gradient_input", min_count=2, embedding="pca")

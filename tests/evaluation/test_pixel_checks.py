@@ -169,3 +169,30 @@ def test_pixel_check_errors(batch) -> None:
         summarize_pixel_checks(pd.DataFrame(), by="image")
     with pytest.raises(ValueError, match="pixel_check"):
         summarize_pixel_checks(pd.DataFrame({"a": [1]}))
+
+
+@pytest.mark.slow
+def test_a_trained_cnn_reads_colours_from_their_objects() -> None:
+    """A tiny CNN concept predictor trained for a few hundred steps on 32-pixel renders points at its objects."""
+    from concepts.zoo.detector import DetectorNet
+
+    world = ConceptWorld(seed=0, image_size=32)
+    names = world.concept_names
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = DetectorNet(len(names), width=8, hidden=64, input_size=32)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for step in range(300):
+            b = world.sample(64, seed=50, start=64 * step)
+            x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 255
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x), torch.tensor(b.concepts.to_numpy(np.float32)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    test = world.sample(60, seed=51)
+    df = pixel_check(net, test, concepts=COLOUR_NAMES, concept_names=names, baseline=28 / 255, nt_samples=4,
+                     stdevs=0.05, n_steps=16, seed=0)
+    s = summarize_pixel_checks(df, by="family")
+    assert s.loc["colour", "pointing_game"] >= 0.8
+    assert s.loc["colour", "lift"] > 5

@@ -21,7 +21,9 @@ Set-up (all seeded, offline, on the built-in models):
   background (activation steering with counterfactual prompts). It is compared with the *unsteered* model on the
   same captions and seeds, so the model's natural blindspots cancel out and only the plant remains; the truth of
   the steered images (which concepts changed >= 2-fold, including side effects such as other colours taking red's
-  place) is read by the ConceptWorld detector;
+  place) is read by the ConceptWorld detector, and a steered concept counts as planted only where the detector
+  sees it suppressed >= 2-fold (a steering edit that does not change the pixels plants nothing; such edits are
+  listed, not scored);
 * **null comparisons**: the real set against (a) an independent sample of the same world, unpaired, and (b) the
   faithful ``WorldGenerator`` (same captions, new positions); with plant 2, also the unsteered generator against
   itself with other seeds.
@@ -149,7 +151,7 @@ def main() -> None:
         s = analysis.results[g].summary()
         null_rows.append((g, s["suppressed"] + s["exaggerated"], s["n_tested"]))
 
-    steering_info = []
+    steering_info, unrealised = [], []
     n_steer = min(N, 500)
     calib = ConceptWorld(seed=0, image_size=32).sample(400, seed=50).captions
     for name in _builtin_generators():
@@ -173,9 +175,14 @@ def main() -> None:
         res = compare_energies(e_base, coder.transform(steered), names=coder.names)
         base_lab = detector.detect(base)
         truth_s = label_changes(base_lab, detector.detect(steered))
-        planted = {c: "suppressed" for c in STEER_SUPPRESS}
-        rows.append((f"{name} steered (-{STEER_STRENGTH:g} v_{'-v_'.join(STEER_SUPPRESS)})", planted,
-                     planted_recovery(res.concepts, unit_map, truth_s, planted)))
+        # a steering plant counts only where it took effect: the detector must see the concept suppressed
+        # (>= 2-fold fewer images) in the steered images; plants that did not change the pixels are listed apart
+        realised = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
+        planted = {c: "suppressed" for c in STEER_SUPPRESS if c in realised}
+        unrealised.extend(f"{c} ({name})" for c in STEER_SUPPRESS if c not in realised)
+        if planted:
+            rows.append((f"{name} steered (-{STEER_STRENGTH:g} v_{'-v_'.join(STEER_SUPPRESS)})", planted,
+                         planted_recovery(res.concepts, unit_map, truth_s, planted)))
         moved = truth_s[truth_s["change"] != ""]
         steering_info.append((name, layer, time.perf_counter() - t0,
                               ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
@@ -208,6 +215,8 @@ def main() -> None:
     for name, layer, secs, moved in steering_info:
         print(f"steering on {name} ({n_steer} pairs, edited layer {layer}, {secs:.1f} s); detector-read concepts "
               f"that changed >= 2-fold: {moved}")
+    if unrealised:
+        print(f"steering plants that did not take effect in the pixels (not counted): {', '.join(unrealised)}")
     if not steering_info:
         print("steering plants skipped: built-in generators not installed")
     result = {
@@ -215,6 +224,7 @@ def main() -> None:
         "recall": round(tot_found / tot_planted, 4),
         "null_flags": int(sum(f for _, f, _ in null_rows)),
         "n_planted": tot_planted,
+        "n_unrealised_plants": len(unrealised),
         "world_precision": round(rows[0][2]["precision"], 4),
         "world_recall": round(rows[0][2]["recall"], 4),
         "n_pairs": N,

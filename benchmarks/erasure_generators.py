@@ -36,7 +36,7 @@ STRENGTHS = [1.0, 2.0, 3.0, 4.0, 6.0]
 
 METHODS: dict[str, dict] = {
     "diffusion": {"layer": "text_encoder", "method": "leace", "anchor": "other"},
-    "ar": {"layer": "text_encoder", "method": "leace", "anchor": "other"},
+    "ar": {"layer": "text_encoder", "method": "leace", "anchor": "other", "one_sided": True},
 }
 """Inference-time erasure per generator (``fit_inference_erasure`` arguments)."""
 

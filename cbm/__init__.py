@@ -13,6 +13,10 @@ Heads
   plain CLIP zero-shot.
 - :class:`DiscoverThenNameCBM`: SAE concepts, named automatically, with a sparse probe.
 - :class:`ConceptBottleneckModel`: a concept-supervised CBM (concept predictor + label head).
+- :class:`EnergyCBM`: the energy-based CBM (concept, class and global energies; joint inference,
+  propagating interventions, conditional probabilities from the energy).
+- :class:`BayesianZeroShot`: the training-free concept-guided Bayesian zero-shot classifier (concept lists
+  from JSON, compositional prompts, DPP selection, soft-trim and robust aggregators).
 
 Metrics for all of them: :mod:`cbm.metrics` (:func:`evaluate` gives one DataFrame row per head) and
 :mod:`cbm.interventions` (intervention curves with random, uncertainty and group policies).
@@ -26,8 +30,10 @@ Examples
 True
 """
 from .base import ConceptHead, as_concept_frame
+from .bayes import BayesianZeroShot
 from .cms import ConceptMatrixSearch
 from .dncbm import DiscoverThenNameCBM
+from .energy import EnergyCBM
 from .interventions import intervention_curve
 from .linear import LabelFreeCBM, LinearProbe
 from .metrics import evaluate
@@ -45,6 +51,8 @@ __all__ = [
     "ZeroShotClassifier",
     "DiscoverThenNameCBM",
     "ConceptBottleneckModel",
+    "EnergyCBM",
+    "BayesianZeroShot",
     "evaluate",
     "intervention_curve",
 ]

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m evaluation.cli demo
+	$(PY) -m evaluation.cli audit --out reports/audit
 
 test: $(STAMP)
 	$(PY) -m pytest -q

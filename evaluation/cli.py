@@ -10,6 +10,7 @@ Examples
     conceptkit demo --out reports/demo
     conceptkit world --n 500 --out data/world
     conceptkit blindspots --out reports/blindspots
+    conceptkit audit --out reports/audit --concept red
 """
 from __future__ import annotations
 
@@ -45,6 +46,26 @@ def _cmd_extract(args: argparse.Namespace) -> Path:
                            pooling=args.pooling, seed=args.seed, image_size=args.image_size,
                            batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _cmd_audit(args: argparse.Namespace) -> Path:
+    from .audit import audit
+
+    def none(v: str | None) -> str | None:
+        return None if v is None or v.strip().lower() in ("", "none") else v
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer; got {args.threads}.")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    gens = [g for g in (args.generator or ["conceptworld-diffusion"]) if none(g) is not None]
+    result = audit(args.encoder, none(args.sae), generators=gens, concept=none(args.concept), n=args.n, seed=args.seed,
+                   device=args.device, layer=args.layer, n_concepts=args.n_concepts, top_k=args.top_k,
+                   sae_epochs=args.sae_epochs, erasure_strength=args.strength, offline=args.offline,
+                   progress=not args.quiet)
+    return result.save(args.out)
 
 
 def _cmd_blindspots(args: argparse.Namespace) -> Path:
@@ -105,6 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue this rank's partial sub-store")
     p.add_argument("--overwrite", action="store_true", help="replace existing sub-stores")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser(
+        "audit", parents=[common], help="audit one model and one concept dictionary; write one HTML report",
+        description="Discovered concepts (names, exemplars, quality against ConceptWorld labels), blindspots of "
+                    "generators, concept importance for a downstream head, and the effect of erasing one concept "
+                    "(its delta collapsing, its importance vanishing, the utility cost), in one self-contained "
+                    "report. With no options: the built-in CLIP, an SAE trained on the fly, the built-in diffusion "
+                    "generator and 'red' erased; writes reports/audit/index.html in a few minutes on a CPU.")
+    p.add_argument("--out", default="reports/audit", metavar="DIR",
+                   help="output folder: index.html, CSV/Parquet tables, audit.json (default reports/audit)")
+    p.add_argument("--n", type=int, default=400, help="number of ConceptWorld renders, at least 60 (default 400)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    p.add_argument("--concept", default="red",
+                   help="ConceptWorld colour or shape erased in the first generator, or 'none' (default red)")
+    p.add_argument("--generator", action="append", metavar="SPEC",
+                   help="generator to audit (repeatable): conceptworld-diffusion | conceptworld-ar (built-in), "
+                        "world[:suppress=C;exaggerate=C] (planted), a diffusers pipeline or Janus folder, or 'none' "
+                        "(default conceptworld-diffusion)")
+    p.add_argument("--encoder", default="builtin", metavar="SPEC",
+                   help="builtin (ConceptWorld CLIP), an open_clip NAME[:PRETRAINED] or dinov2[:PATH] (default builtin)")
+    p.add_argument("--layer", default=None, help="encoder layer whose tokens the SAE reads (default: per encoder)")
+    p.add_argument("--sae", default=None, metavar="PATH",
+                   help="trained SAE checkpoint folder (sae.save); default: train a TopK SAE on the renders")
+    p.add_argument("--n-concepts", type=int, default=128, help="units of the SAE trained on the fly (default 128)")
+    p.add_argument("--top-k", type=int, default=8, help="active units per token of that SAE (default 8)")
+    p.add_argument("--sae-epochs", type=int, default=10, help="training epochs of that SAE (default 10)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="strength of the erasure edit (default: 4 for conceptworld-diffusion, 1.5 for conceptworld-ar, "
+                        "2 otherwise)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the built-in models are tiny, and one thread is the fastest "
+                        "on a busy CPU; raise it for large real models)")
+    p.add_argument("--online", dest="offline", action="store_false",
+                   help="do not force offline mode (hub access then follows HF_HUB_OFFLINE)")
+    p.set_defaults(func=_cmd_audit)
 
     from .blindspots_job import add_arguments as _blindspots_arguments
 

@@ -9,7 +9,8 @@ What it does, end to end and offline:
    probe (the ceiling any concept method built on these features can reach);
 4. writes a self-contained HTML report with the sample sheet, the tables and the plots.
 
-The analysis layer (blindspots, importance, erasure) extends this job as it lands.
+The full audit (discovered concepts, blindspots, importance, erasure) is ``conceptkit audit``
+(:func:`evaluation.audit.audit`), which ``make demo`` runs; this lighter job stays as ``conceptkit demo``.
 """
 from __future__ import annotations
 
@@ -133,9 +134,9 @@ def run_demo(out: str | Path = "reports/demo", *, n: int = 1024, seed: int = 0, 
     report = Report("conceptkit demo: ConceptWorld through the built-in CLIP",
                     meta={"seed": seed, "images": n, "device": device})
     report.text(
-        "The analysis layer (blindspots, importance, erasure) is not in this build yet; this demo renders "
-        "the ground-truth world, extracts activations from a model into an on-disk ActivationStore, and "
-        "measures what those activations encode against the exact concept labels.", note=True)
+        "This demo renders the ground-truth world, extracts activations from a model into an on-disk "
+        "ActivationStore, and measures what those activations encode against the exact concept labels. The full "
+        "audit (concepts, blindspots, importance, erasure) is `conceptkit audit` (make demo).", note=True)
     report.heading("ConceptWorld sample")
     fig, ax = plt.subplots(figsize=(10, 2.8))
     batch.sheet(16, 8, ax=ax)

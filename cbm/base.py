@@ -4,19 +4,19 @@ A *head* is a classifier on frozen features that reasons through ``k`` concepts:
 ``Z [n, d]`` to concept scores ``S [n, k]`` and concept scores to class logits ``[n, K]``. Everything a
 user does with a head is defined on those two maps, once, in :class:`ConceptHead`:
 
-=============================  ===================================================================
-``fit(X, y, concepts=None)``   ``X``: features ``[n, d]``, or images plus ``encoder=``; ``concepts``:
-                               optional boolean concept labels (DataFrame ``[n, m]``)
-``predict`` / ``predict_proba``  class labels ``[n]`` / probabilities ``[n, K]`` (softmax of the logits)
-``decision_function``          class logits ``[n, K]``
-``score(X, y)``                accuracy
-``concept_scores(X)``          ``[n, k]``: the bottleneck
+==================================  =======================================================================
+``fit(X, y, concepts=None)``        ``X``: features ``[n, d]``, or images plus ``encoder=``; ``concepts``:
+                                    optional boolean concept labels (DataFrame ``[n, m]``)
+``predict`` / ``predict_proba``     class labels ``[n]`` / probabilities ``[n, K]`` (softmax of the logits)
+``decision_function``               class logits ``[n, K]``
+``score(X, y)``                     accuracy
+``concept_scores(X)``               ``[n, k]``: the bottleneck
 ``predict_proba_from_concepts(S)``  probabilities from (edited) concept scores
-``intervene(X, {c: v})``       probabilities after setting concepts to values (see below)
-``concept_values(truth)``      ground-truth concept labels in the head's own concept units
-``explain(X)``                 per prediction, the top contributing concepts (DataFrame)
-``bank_``                      the :class:`~concepts.bank.ConceptBank` the head reasons with
-=============================  ===================================================================
+``intervene(X, {c: v})``            probabilities after setting concepts to values (see below)
+``concept_values(truth)``           ground-truth concept labels in the head's own concept units
+``explain(X)``                      per prediction, the top contributing concepts (DataFrame)
+``bank_``                           the :class:`~concepts.bank.ConceptBank` the head reasons with
+==================================  =======================================================================
 
 Interventions
 -------------

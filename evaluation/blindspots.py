@@ -414,6 +414,21 @@ class BlindspotResult:
             "median_delta": float(np.nanmedian(c.loc[tested, "delta"])) if tested.any() else float("nan"),
         }
 
+    def _repr_html_(self, max_rows: int = 20) -> str:
+        """Notebook view: the status counts and the flagged concepts, most extreme delta first."""
+        import html
+
+        s = self.summary()
+        counts = ", ".join(f"{k}: {s[k]}" for k in STATUSES)
+        cols = [c for c in ("concept", "name", "E_real", "E_gen", "delta", "delta_ci_low", "delta_ci_high", "q_value",
+                            "status") if c in self.concepts.columns]
+        flagged = self.flagged()[cols]
+        table = (flagged.head(max_rows).to_html(index=False, float_format="{:.3g}".format) if len(flagged)
+                 else "<p>No concept is flagged.</p>")
+        more = f"<p>... {len(flagged) - max_rows} more flagged concepts</p>" if len(flagged) > max_rows else ""
+        return (f"<div><b>BlindspotResult</b>: {s['n_pairs']} caption pairs, {s['n_tested']} of {s['n_concepts']} "
+                f"concepts tested ({html.escape(counts)}); median delta {s['median_delta']:.3f}{table}{more}</div>")
+
 
 def compare_energies(
     real: Any,
@@ -932,6 +947,15 @@ class BlindspotAnalysis:
     def pair_tables(self) -> pd.DataFrame:
         """All generators' pair tables stacked, with a ``generator`` column."""
         return pd.concat([r.pairs.assign(generator=g) for g, r in self.results.items()], ignore_index=True)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: one row of status counts per generator, and the cross-generator table."""
+        summary = pd.DataFrame({g: r.summary() for g, r in self.results.items()}).T
+        summary.index.name = "generator"
+        cross = ("" if self.cross.empty
+                 else "<p>Across generators:</p>" + self.cross.to_html(float_format="{:.3g}".format))
+        return (f"<div><b>BlindspotAnalysis</b>: {len(self.captions)} real images, {len(self.results)} generator(s)"
+                f"{summary.to_html(float_format='{:.3g}'.format)}{cross}</div>")
 
 
 def _as_uint8_images(images: Any, what: str) -> np.ndarray:

@@ -3,16 +3,16 @@
 A *concept decomposition* is a view ``u = encode(a)``, ``a ~ decode(u)`` of the activations ``a [m, d]`` of one
 layer as ``k`` concept coefficients ``u [m, k]`` (CRAFT / Holistic: ``A ~ U W``). Four views are provided:
 
-=========================  ======================================================================================
-:class:`NMFDecomposition`  CRAFT-style non-negative matrix factorisation (sklearn ``NMF``) of non-negative
-                           activations, optionally fitted on image crops (:func:`fit_craft`).
-:class:`SAEDecomposition`  the codes of a fitted sparse autoencoder (:mod:`sae`): ``encode = transform``,
-                           ``decode`` = the SAE decoder (differentiable).
-:class:`BankDecomposition` a projection on the vectors of a :class:`~concepts.bank.ConceptBank` (e.g. CAVs):
-                           ``u = a V^T - offset``, ``decode(u) = (u + offset) M`` with ``M`` the ridge
-                           pseudo-inverse of ``V^T``.
+==============================  =================================================================================
+:class:`NMFDecomposition`       CRAFT-style non-negative matrix factorisation (sklearn ``NMF``) of non-negative
+                                activations, optionally fitted on image crops (:func:`fit_craft`).
+:class:`SAEDecomposition`       the codes of a fitted sparse autoencoder (:mod:`sae`): ``encode = transform``,
+                                ``decode`` = the SAE decoder (differentiable).
+:class:`BankDecomposition`      a projection on the vectors of a :class:`~concepts.bank.ConceptBank` (e.g. CAVs):
+                                ``u = a V^T - offset``, ``decode(u) = (u + offset) M`` with ``M`` the ridge
+                                pseudo-inverse of ``V^T``.
 :class:`IdentityDecomposition`  the layer *is* the concept space (the bottleneck of a concept-bottleneck model).
-=========================  ======================================================================================
+==============================  =================================================================================
 
 What ``u = 0`` means matters: every importance method of :mod:`evaluation.importance` uses ``u = 0`` as the
 "concept removed" baseline. NMF and SAE codes are zero when a concept is absent; for a bank projection pick

@@ -15,16 +15,16 @@ the encoding between methods).
 
 Methods (``u = 0`` is the baseline everywhere: "concept removed"):
 
-======================  =====================================================================================
-``GradientXInput``      ``u_j * d f / d u_j`` (captum ``InputXGradient``); the default of Holistic-CRAFT.
-``IntegratedGradients`` path integral from ``u = 0`` (captum ``IntegratedGradients``, 32 steps, Gauss-Legendre).
-``Saliency``            ``|d f / d u_j|`` (captum ``Saliency``): unsigned, ignores how much of the concept is there.
-``Occlusion``           ``f(u) - f(u with u_j = 0)`` (captum ``FeatureAblation`` on concept masks).
-``RISE``                ``E[f(u * M) M_j] / p`` over Bernoulli(``p``) concept masks ``M`` (Petsiuk et al. 2018).
-``Sobol``               total Sobol index of concept ``j`` (Jansen estimator) over QMC masks ``u * M``,
-                        ``M ~ U[0, 1]^k`` from ``scipy.stats.qmc`` (CRAFT's estimator; unsigned).
-``RandomImportance``    seeded Gaussian noise: the floor of every fidelity metric.
-======================  =====================================================================================
+=======================  ============================================================================================
+``GradientXInput``       ``u_j * d f / d u_j`` (captum ``InputXGradient``); the default of Holistic-CRAFT.
+``IntegratedGradients``  path integral from ``u = 0`` (captum ``IntegratedGradients``, 32 steps, Gauss-Legendre).
+``Saliency``             ``|d f / d u_j|`` (captum ``Saliency``): unsigned, ignores how much of the concept is there.
+``Occlusion``            ``f(u) - f(u with u_j = 0)`` (captum ``FeatureAblation`` on concept masks).
+``RISE``                 ``E[f(u * M) M_j] / p`` over Bernoulli(``p``) concept masks ``M`` (Petsiuk et al. 2018).
+``Sobol``                total Sobol index of concept ``j`` (Jansen estimator) over QMC masks ``u * M``,
+                         ``M ~ U[0, 1]^k`` from ``scipy.stats.qmc`` (CRAFT's estimator; unsigned).
+``RandomImportance``     seeded Gaussian noise: the floor of every fidelity metric.
+=======================  ============================================================================================
 
 When ``h`` is linear in ``u`` (a linear head on a linear decoder: a last-layer decomposition), Gradient x Input,
 Integrated Gradients and Occlusion coincide exactly (each equals ``u_j * (W w)_j``, the exact additive share of

@@ -540,6 +540,15 @@ class ErasureResult:
             add(f"{s}_pixel_rmse", "utility", 0.0, mean(s, "erased", "pixel_rmse"))
         return pd.DataFrame(out)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the concept, the models and the :meth:`summary` table."""
+        import html
+
+        models = ", ".join(f"{k}: {v}" for k, v in self.meta.items() if isinstance(v, (str, int, float)))
+        extra = f" ({html.escape(models)})" if models else ""
+        return (f"<div><b>ErasureResult</b>: erasing {html.escape(repr(self.concept))}{extra}"
+                f"{self.summary().to_html(index=False, float_format='{:.3g}'.format)}</div>")
+
     def value(self, metric: str, which: str = "erased") -> float:
         """One number of :meth:`summary` (``which``: original / erased / delta)."""
         s = self.summary().set_index("metric")
@@ -720,6 +729,14 @@ class SweepResult:
             summ = r.summary().set_index("metric")["erased"]
             rows.append({"strength": s, **summ.to_dict()})
         return pd.DataFrame(rows)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: :meth:`table` (one row per strength)."""
+        import html
+
+        concept = self.results[0].concept if self.results else ""
+        return (f"<div><b>SweepResult</b>: erasing {html.escape(repr(concept))} at {len(self.strengths)} strengths"
+                f"{self.table().to_html(index=False, float_format='{:.3g}'.format)}</div>")
 
     def frame(self) -> pd.DataFrame:
         """All per-image frames with a ``strength`` column."""

@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow docs venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -n -W --keep-going docs docs/_build/html
+	@echo "API docs: docs/_build/html/index.html"
 
 clean:
 	rm -rf reports demo_output

@@ -190,6 +190,20 @@ class BaseSAE(BaseEstimator):
                 f"{name}: lr_warmup ({self.lr_warmup}) and lr_decay ({self.lr_decay}) together exceed all the "
                 "training steps; lower one of them."
             )
+        decay = getattr(self, "encoder_decay", 0.0)
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not decay >= 0:
+            raise ValueError(
+                f"{name}: encoder_decay must be a number >= 0 (0 disables the pull toward the tied encoder); "
+                f"got {decay!r}."
+            )
+        resample = getattr(self, "resample_dead", None)
+        if resample is not None and (
+            isinstance(resample, bool) or not isinstance(resample, numbers.Real) or not resample >= 0
+        ):
+            raise ValueError(
+                f"{name}: resample_dead must be None, or a number of steps (int) or a fraction of the steps "
+                f"(float <= 1) between resamplings; got {resample!r}."
+            )
         if self.grad_clip is not None and (not isinstance(self.grad_clip, numbers.Real) or not self.grad_clip > 0):
             raise ValueError(f"{name}: grad_clip must be a positive number or None; got {self.grad_clip!r}.")
         if self.normalize not in ("expected_norm", "none"):
@@ -291,6 +305,8 @@ class BaseSAE(BaseEstimator):
         warmup = resolve_steps(self.lr_warmup, total)
         decay = resolve_steps(self.lr_decay, total)
         base_lr = self._auto_lr()
+        resample = getattr(self, "resample_dead", None)
+        resample_every = max(1, resolve_steps(resample, total)) if resample else 0
 
         loaded = ckpt.load_training_state(ck_dir) if (resume and ck_dir is not None) else None
         if resume and loaded is None:
@@ -377,6 +393,10 @@ class BaseSAE(BaseEstimator):
                     ctx["step"] = step
                     metrics = self._train_step(module, opt, params, x, tracker, ctx, counters, device)
                     step += 1
+                    if resample_every and step % resample_every == 0 and step <= total - decay:
+                        counters["resampled"] = counters.get("resampled", 0) + self._resample_dead(
+                            module, opt, x, tracker, train_gen
+                        )
                     counters["samples"] += int(x.shape[0])
                     metrics["lr"] = base_lr * f
                     for k, v in metrics.items():
@@ -389,6 +409,8 @@ class BaseSAE(BaseEstimator):
                         row["dead_fraction"] = tracker.dead_fraction()
                         row["nan_fallbacks"] = counters["nan_fallbacks"]
                         row["skipped_steps"] = counters["skipped_steps"]
+                        if resample_every:
+                            row["resampled"] = counters.get("resampled", 0)
                         row["time_s"] = time.perf_counter() - t_start
                         history.append(row)
                         accum = {}
@@ -418,6 +440,7 @@ class BaseSAE(BaseEstimator):
             "n_samples_seen": counters["samples"],
             "nan_fallbacks": counters["nan_fallbacks"],
             "skipped_steps": counters["skipped_steps"],
+            **({"resampled": counters.get("resampled", 0)} if resample_every else {}),
             "train_fvu": float(history[-1].get("fvu", float("nan"))) if history else float("nan"),
             "train_l0": float(history[-1].get("l0", float("nan"))) if history else float("nan"),
             "dead_fraction": tracker.dead_fraction(),
@@ -558,6 +581,12 @@ class BaseSAE(BaseEstimator):
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         opt.step()
         module.dictionary.project_()
+        decay = getattr(self, "encoder_decay", 0.0)
+        if decay:
+            # decoupled (AdamW-style) decay toward the tied encoder, at the scheduled learning rate;
+            # sqrt(d): an Adam step moves a row by about lr * sqrt(d), so this keeps the allowed
+            # *relative* deviation of a row from its atom independent of the input width
+            module.decay_encoder_(opt.param_groups[0]["lr"] * decay * math.sqrt(module.d_in))
         tracker.update(out.fired, x.shape[0])
         with torch.no_grad():
             xf = x.to(torch.float32)
@@ -573,6 +602,60 @@ class BaseSAE(BaseEstimator):
         return metrics
 
     _max_skipped: ClassVar[int] = 10
+
+    @torch.no_grad()
+    def _resample_dead(
+        self, module: SparseAutoencoder, opt: torch.optim.Optimizer, x: Tensor, tracker: DeadLatentTracker,
+        generator: torch.Generator,
+    ) -> int:
+        """Re-initialise dead latents toward poorly reconstructed inputs (Anthropic, 2023).
+
+        Rows of the batch ``x`` whose reconstruction loss ``||x - x_hat||^2`` is above the batch
+        mean are drawn without replacement with probability proportional to the square of their
+        loss (at most one latent per such row). Dead latent ``j`` gets the
+        unit-norm residual ``e / ||e||`` of its row as atom, the mean encoder-row norm of the live
+        latents times that direction as encoder row (tied, as at initialisation; Anthropic's
+        ``0.2 x`` is for ReLU SAEs, where any positive pre-activation fires; under a top-k
+        selection it leaves the new latent unable to win), and ``b_enc[j] = 0``. Adam's first
+        moment of those entries is zeroed and the second moment set to the live rows' mean per
+        column (zeroing it would make the next steps about 3x larger than usual). The resampled
+        latents count as just fired. Returns the number of latents resampled.
+        """
+        dead = tracker.dead
+        n_dead = int(dead.sum())
+        dic = module.dictionary
+        if n_dead == 0 or not isinstance(dic, FreeDictionary):
+            return 0
+        was_training = module.training
+        module.train()
+        e = (x - module.forward_train(x).x_hat).to(torch.float32)
+        module.train(was_training)
+        loss = e.pow(2).sum(1).cpu().double()
+        if not bool(torch.isfinite(loss).all()) or float(loss.sum()) <= 0:
+            return 0
+        w = torch.where(loss > loss.mean(), loss.pow(2), torch.zeros_like(loss))  # poorly reconstructed rows only
+        n = min(n_dead, int((w > 0).sum()))
+        if n == 0:
+            return 0
+        rows = torch.multinomial(w, n, replacement=False, generator=generator).to(x.device)
+        idx = torch.nonzero(dead).squeeze(1)[:n]
+        alive = ~dead
+        direction = e[rows]
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        enc_norm = float(module.W_enc[alive].norm(dim=1).mean()) if bool(alive.any()) else 1.0
+        dic.W_dec[idx] = direction.to(dic.W_dec.dtype)
+        module.W_enc[idx] = (enc_norm * direction).to(module.W_enc.dtype)
+        module.b_enc[idx] = 0.0
+        for p in (dic.W_dec, module.W_enc, module.b_enc):
+            state = opt.state.get(p, {})
+            if "exp_avg" in state:
+                state["exp_avg"][idx] = 0.0
+            if "exp_avg_sq" in state:
+                sq = state["exp_avg_sq"]
+                sq[idx] = sq[alive].mean(0) if bool(alive.any()) else 0.0
+        tracker.since_fired[idx] = 0
+        logger.info("Resampled %d dead latents.", n)
+        return n
 
     def _set_fitted(self, module: SparseAutoencoder, d_in: int, source_meta: dict, scale: float, seed: int | None) -> None:
         self.module_ = module

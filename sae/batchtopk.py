@@ -73,8 +73,8 @@ class BatchTopKSAE(_SelectingFamily):
         Average active latents per sample.
     calibration_samples : int, default=8192
         Training rows used to calibrate the inference threshold.
-    auxk_coef, auxk_k, k_anneal, k_anneal_start
-        As in :class:`~sae.TopKSAE`.
+    auxk_coef, auxk_k, k_anneal, k_anneal_start, encoder_decay, resample_dead
+        As in :class:`~sae.TopKSAE` (``encoder_decay`` and ``resample_dead`` default off).
     {COMMON_PARAMETERS_DOC}
     {COMMON_ATTRIBUTES_DOC}
     threshold_ : float
@@ -106,6 +106,8 @@ class BatchTopKSAE(_SelectingFamily):
         auxk_k: int | None = None,
         k_anneal: float = 0.0,
         k_anneal_start: int | None = None,
+        encoder_decay: float = 0.0,
+        resample_dead: float | int | None = None,
         lr_warmup: float = 0.05,
         lr_decay: float = 0.2,
         grad_clip: float | None = 1.0,
@@ -134,6 +136,8 @@ class BatchTopKSAE(_SelectingFamily):
         self.auxk_k = auxk_k
         self.k_anneal = k_anneal
         self.k_anneal_start = k_anneal_start
+        self.encoder_decay = encoder_decay
+        self.resample_dead = resample_dead
         self.lr_warmup = lr_warmup
         self.lr_decay = lr_decay
         self.grad_clip = grad_clip

@@ -179,7 +179,8 @@ def fit_distributed(
     Raises
     ------
     ValueError
-        If ``resume=True`` without a checkpoint directory, or the ranks disagree on data size.
+        If ``resume=True`` without a checkpoint directory, the ranks disagree on data size, or the
+        estimator resamples dead latents (``resample_dead``).
 
     Examples
     --------
@@ -189,6 +190,12 @@ def fit_distributed(
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return estimator.fit(X, resume=resume, checkpoint_dir=checkpoint_dir, callbacks=callbacks, layer=layer)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if getattr(estimator, "resample_dead", None):
+        raise ValueError(
+            f"{type(estimator).__name__}(resample_dead={estimator.resample_dead!r}) is not supported by "
+            "fit_distributed (each rank would resample from its own part of the batch); set resample_dead=None "
+            "and rely on AuxK (auxk_coef) for dead latents."
+        )
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else (
         Path(estimator.checkpoint_dir) if estimator.checkpoint_dir is not None else None)
     if resume and ck is None:

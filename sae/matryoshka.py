@@ -34,7 +34,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         dropping duplicates and zeros).
     width_weights : sequence of float or None, default=None
         Weight of each prefix loss (``None``: 1 each).
-    calibration_samples, auxk_coef, auxk_k, k_anneal, k_anneal_start
+    calibration_samples, auxk_coef, auxk_k, k_anneal, k_anneal_start, encoder_decay, resample_dead
         As in :class:`~sae.BatchTopKSAE`.
     {COMMON_PARAMETERS_DOC}
     {COMMON_ATTRIBUTES_DOC}
@@ -64,6 +64,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         auxk_k: int | None = None,
         k_anneal: float = 0.0,
         k_anneal_start: int | None = None,
+        encoder_decay: float = 0.0,
+        resample_dead: float | int | None = None,
         lr_warmup: float = 0.05,
         lr_decay: float = 0.2,
         grad_clip: float | None = 1.0,
@@ -85,7 +87,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(
             n_concepts, top_k, calibration_samples=calibration_samples, n_epochs=n_epochs,
             batch_size=batch_size, lr=lr, auxk_coef=auxk_coef, auxk_k=auxk_k, k_anneal=k_anneal,
-            k_anneal_start=k_anneal_start, lr_warmup=lr_warmup, lr_decay=lr_decay, grad_clip=grad_clip,
+            k_anneal_start=k_anneal_start, encoder_decay=encoder_decay, resample_dead=resample_dead,
+            lr_warmup=lr_warmup, lr_decay=lr_decay,
+            grad_clip=grad_clip,
             normalize=normalize, b_dec_init=b_dec_init, decoder_init=decoder_init, dead_window=dead_window, autocast=autocast,
             sparse_backend=sparse_backend, log_every=log_every, checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, random_state=random_state,

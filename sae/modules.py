@@ -430,6 +430,40 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    @torch.no_grad()
+    def tied_encoder(self) -> Tensor:
+        """The encoder tied to the current dictionary, ``D_i / ||D_i||^2`` per row [n, d].
+
+        For unit-norm atoms this is ``D`` itself (the matched filter, which is also how a free
+        dictionary's encoder is initialised); in general a lone atom ``c * D_i`` encodes to ``c``.
+        """
+        d = self.dictionary().detach()
+        if isinstance(self.dictionary, FreeDictionary) and self.dictionary.unit_norm:
+            return d  # rows are kept at unit norm (projected after every step)
+        return d / d.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def decay_encoder_(self, rate: float) -> None:
+        """Pull the encoder toward the tied encoder: ``W_enc += rate * (tied_encoder() - W_enc)``.
+
+        ``rate`` is clipped to [0, 1]; ``rate = 1`` ties the encoder exactly. Used after every
+        optimiser step with ``rate = lr * encoder_decay * sqrt(d_in)`` (see :class:`sae.TopKSAE`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> m = SparseAutoencoder(8, 16, TopKActivation(2))
+        >>> m.reset_parameters(torch.Generator().manual_seed(0))
+        >>> with torch.no_grad():
+        ...     _ = m.W_enc.mul_(3.0)
+        >>> m.decay_encoder_(1.0)
+        >>> torch.allclose(m.W_enc, m.get_dictionary(), atol=1e-6)
+        True
+        """
+        rate = min(max(float(rate), 0.0), 1.0)
+        if rate > 0.0:
+            self.W_enc.lerp_(self.tied_encoder().to(self.W_enc.dtype), rate)
+
     # ---------------------------------------------------------------- helpers
     def use_sparse(self) -> bool:
         """Whether selecting activations run through the sparse kernels (``sparse_backend``)."""

@@ -148,6 +148,25 @@ def as_concept_frame(concepts: Any, n: int | None = None, *, what: str = "concep
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)))
 
 
+def feature_standardizer(S: Tensor, standardize: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and scale (CPU tensors ``[d]``) that heads store as ``input_mean_`` / ``input_scale_``.
+
+    Constant features get scale 1 (not 0), so ``(S - mean) / scale`` is always finite; ``standardize=False`` gives
+    the identity (zeros, ones).
+
+    Examples
+    --------
+    >>> m, s = feature_standardizer(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    >>> m.tolist(), s.tolist()
+    ([2.0, 5.0], [1.4142135381698608, 1.0])
+    """
+    if not standardize:
+        return torch.zeros(S.shape[1]), torch.ones(S.shape[1])
+    mean = S.mean(0).cpu()
+    std = S.std(0).cpu()
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
+
+
 def _softmax_np(logits: Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=1).cpu().numpy()
 

@@ -105,7 +105,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead, as_concept_frame
+from .base import ConceptHead, as_concept_frame, feature_standardizer
 from .concept_sets import class_texts
 from .training import seeded_generator, train_minibatch
 
@@ -405,10 +405,8 @@ class EnergyCBM(ConceptHead):
         n, d = Z.shape
         k, m = len(cols), len(self.classes_)
         T = torch.from_numpy(C[cols].to_numpy(dtype=np.float32, copy=True)).to(dev)
-        mu, sd = Z.mean(0), Z.std(0)
-        sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
-        self.input_mean_, self.input_scale_ = mu.cpu(), sd.cpu()
-        Zs = (Z - mu) / sd
+        self.input_mean_, self.input_scale_ = feature_standardizer(Z)
+        Zs = (Z - self.input_mean_.to(dev)) / self.input_scale_.to(dev)
         net = _Energies(d, k, m, int(self.hidden), int(self.global_hidden), int(self.prior_hidden),
                         float(self.dropout)).to(dev)
         gen = seeded_generator(self._seed + 11, dev)

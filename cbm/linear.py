@@ -31,7 +31,7 @@ from torch import Tensor
 
 from concepts.bank import ConceptBank, Template
 
-from .base import ConceptHead, LinearLabelMixin
+from .base import ConceptHead, LinearLabelMixin, feature_standardizer
 from .concept_sets import text_bank
 from .training import fit_sparse_linear
 
@@ -48,15 +48,6 @@ def _check_nonneg(value: Any, what: str) -> None:
 def _check_pos_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive integer; got {value!r}.")
-
-
-def _standardizer(S: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
-    if not standardize:
-        return torch.zeros(S.shape[1]), torch.ones(S.shape[1])
-    mean = S.mean(0).cpu()
-    std = S.std(0).cpu()
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return mean, std
 
 
 class LinearProbe(LinearLabelMixin, ConceptHead):
@@ -122,7 +113,7 @@ class LinearProbe(LinearLabelMixin, ConceptHead):
     def _fit(self, Z: Tensor, y: Tensor, C: pd.DataFrame | None) -> None:
         d = Z.shape[1]
         self.bank_ = ConceptBank(torch.eye(d), names=[f"feature_{i}" for i in range(d)], metadata={"how": "identity"})
-        self.input_mean_, self.input_scale_ = _standardizer(Z, self.standardize)
+        self.input_mean_, self.input_scale_ = feature_standardizer(Z, self.standardize)
         Zs = (Z - self.input_mean_.to(Z.device)) / self.input_scale_.to(Z.device)
         W, b = fit_sparse_linear(Zs, y, len(self.classes_), l1=self.l1, l2=self.l2, max_iter=self.max_iter,
                                  progress=self.verbose)
@@ -211,7 +202,7 @@ class LabelFreeCBM(LinearLabelMixin, ConceptHead):
             )
         self._unit_ = torch.nn.functional.normalize(self.bank_.vectors, dim=1)
         S = self._scores(Z)
-        self.input_mean_, self.input_scale_ = _standardizer(S, self.standardize)
+        self.input_mean_, self.input_scale_ = feature_standardizer(S, self.standardize)
         Ss = (S - self.input_mean_.to(S.device)) / self.input_scale_.to(S.device)
         W, b = fit_sparse_linear(Ss, y, len(self.classes_), l1=self.l1, l2=self.l2, max_iter=self.max_iter,
                                  progress=self.verbose)

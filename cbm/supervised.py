@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead
+from .base import ConceptHead, feature_standardizer
 from .training import fit_multilabel_logistic, seeded_generator, train_minibatch
 
 logger = logging.getLogger(__name__)
@@ -190,10 +190,8 @@ class ConceptBottleneckModel(ConceptHead):
         n, d = Z.shape
         k, K = len(cols), len(self.classes_)
         T = torch.from_numpy(C[cols].to_numpy(dtype=np.float32, copy=True)).to(dev)
-        mu, sd = Z.mean(0), Z.std(0)
-        sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
-        self.input_mean_, self.input_scale_ = mu.cpu(), sd.cpu()
-        Zs = (Z - mu) / sd
+        self.input_mean_, self.input_scale_ = feature_standardizer(Z)
+        Zs = (Z - self.input_mean_.to(dev)) / self.input_scale_.to(dev)
         pos = T.mean(0).clamp(1e-3, 1 - 1e-3)
         predictor = (nn.Linear(d, k) if self.concept_predictor == "linear" else _mlp(d, self.hidden, k)).to(dev)
         with torch.no_grad():  # start at the concept base rates
@@ -242,7 +240,7 @@ class ConceptBottleneckModel(ConceptHead):
         self.predictor_ = predictor.eval()
         self.head_ = head.eval()
         if isinstance(predictor, nn.Linear):
-            vectors = (predictor.weight.detach() / sd[None, :]).cpu()
+            vectors = (predictor.weight.detach() / self.input_scale_.to(dev)[None, :]).cpu()
             self.bank_ = ConceptBank(vectors, names=cols, metadata={"how": "cbm-predictor", "predictor": "linear"})
         else:
             self.bank_ = ConceptBank.from_cavs(Z.cpu(), C[cols], method="mean_difference",

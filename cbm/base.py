@@ -167,6 +167,40 @@ def feature_standardizer(S: Tensor, standardize: bool = True) -> tuple[Tensor, T
     return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
+def select_concept_columns(concepts: pd.DataFrame, concept_columns: Any) -> list[str]:
+    """The concept columns a concept-supervised head trains on: all of ``concepts`` when ``concept_columns`` is None.
+
+    Raises
+    ------
+    TypeError
+        ``concept_columns`` is a single string.
+    ValueError
+        It is empty or has repeats.
+    KeyError
+        It names columns that ``concepts`` lacks.
+
+    Examples
+    --------
+    >>> select_concept_columns(pd.DataFrame({"red": [1], "blue": [0]}), ["blue"])
+    ['blue']
+    """
+    if concept_columns is None:
+        return [str(c) for c in concepts.columns]
+    if isinstance(concept_columns, str):
+        raise TypeError(f"concept_columns must be a list of column names; got the string {concept_columns!r}.")
+    cols = [str(c) for c in concept_columns]
+    if not cols:
+        raise ValueError("concept_columns is empty; give at least one concept column.")
+    missing = [c for c in cols if c not in concepts.columns]
+    if missing:
+        raise KeyError(
+            f"concept_columns {missing[:5]} are not columns of concepts (which has {list(concepts.columns)[:8]}...)."
+        )
+    if len(set(cols)) != len(cols):
+        raise ValueError(f"concept_columns has repeats: {cols}.")
+    return cols
+
+
 def _softmax_np(logits: Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=1).cpu().numpy()
 

@@ -105,7 +105,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead, as_concept_frame, feature_standardizer
+from .base import ConceptHead, as_concept_frame, feature_standardizer, select_concept_columns
 from .concept_sets import class_texts
 from .training import seeded_generator, train_minibatch
 
@@ -382,19 +382,7 @@ class EnergyCBM(ConceptHead):
         _check_weights(self.inference_weights, "inference_weights", first_positive=True)
 
     def _columns(self, C: pd.DataFrame) -> list[str]:
-        if self.concept_columns is None:
-            return list(C.columns)
-        if isinstance(self.concept_columns, str):
-            raise TypeError(f"concept_columns must be a list of column names; got the string {self.concept_columns!r}.")
-        cols = [str(c) for c in self.concept_columns]
-        if not cols:
-            raise ValueError("concept_columns is empty; give at least one concept column.")
-        missing = [c for c in cols if c not in C.columns]
-        if missing:
-            raise KeyError(f"concept_columns {missing[:5]} are not columns of concepts (which has {list(C.columns)[:8]}...).")
-        if len(set(cols)) != len(cols):
-            raise ValueError(f"concept_columns has repeats: {cols}.")
-        return cols
+        return select_concept_columns(C, self.concept_columns)
 
     # ------------------------------------------------------------------ training
     def _fit(self, Z: Tensor, y: Tensor, C: pd.DataFrame | None) -> None:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead, feature_standardizer
+from .base import ConceptHead, feature_standardizer, select_concept_columns
 from .training import fit_multilabel_logistic, seeded_generator, train_minibatch
 
 logger = logging.getLogger(__name__)
@@ -172,15 +172,7 @@ class ConceptBottleneckModel(ConceptHead):
                 raise ValueError(f"{name} must be a number {'>' if strict else '>='} 0; got {v!r}.")
 
     def _columns(self, C: pd.DataFrame) -> list[str]:
-        if self.concept_columns is None:
-            return list(C.columns)
-        cols = [str(c) for c in self.concept_columns]
-        missing = [c for c in cols if c not in C.columns]
-        if missing:
-            raise KeyError(f"concept_columns {missing[:5]} are not columns of concepts (which has {list(C.columns)[:8]}...).")
-        if not cols:
-            raise ValueError("concept_columns is empty; give at least one concept column.")
-        return cols
+        return select_concept_columns(C, self.concept_columns)
 
     def _fit(self, Z: Tensor, y: Tensor, C: pd.DataFrame | None) -> None:
         if C is None:  # fit() already checks this; kept for direct calls

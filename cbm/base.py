@@ -201,6 +201,21 @@ def select_concept_columns(concepts: pd.DataFrame, concept_columns: Any) -> list
     return cols
 
 
+def supervised_inputs(head: Any, Z: Tensor, concepts: pd.DataFrame | None) -> tuple[list[str], Tensor, Tensor]:
+    """Shared start of a concept-supervised head's ``_fit``: concept columns, targets and standardised features.
+
+    Sets ``head.input_mean_`` / ``head.input_scale_`` (:func:`feature_standardizer`) and returns ``(columns,
+    targets [n, k] float32 on Z's device, standardised Z [n, d])``; ``head.concept_columns`` selects the columns.
+    """
+    if concepts is None:  # fit() checks this already; kept for direct calls
+        raise ValueError(f"{type(head).__name__} needs concept labels: pass concepts=DataFrame to fit.")
+    cols = select_concept_columns(concepts, head.concept_columns)
+    T = torch.from_numpy(concepts[cols].to_numpy(dtype=np.float32, copy=True)).to(Z.device)
+    head.input_mean_, head.input_scale_ = feature_standardizer(Z)
+    Zs = (Z - head.input_mean_.to(Z.device)) / head.input_scale_.to(Z.device)
+    return cols, T, Zs
+
+
 def _softmax_np(logits: Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=1).cpu().numpy()
 

@@ -105,7 +105,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead, as_concept_frame, feature_standardizer, select_concept_columns
+from .base import ConceptHead, as_concept_frame, supervised_inputs
 from .concept_sets import class_texts
 from .training import seeded_generator, train_minibatch
 
@@ -381,20 +381,12 @@ class EnergyCBM(ConceptHead):
         _check_weights(self.loss_weights, "loss_weights")
         _check_weights(self.inference_weights, "inference_weights", first_positive=True)
 
-    def _columns(self, C: pd.DataFrame) -> list[str]:
-        return select_concept_columns(C, self.concept_columns)
-
     # ------------------------------------------------------------------ training
     def _fit(self, Z: Tensor, y: Tensor, C: pd.DataFrame | None) -> None:
-        if C is None:  # fit() checks this already
-            raise ValueError("EnergyCBM needs concept labels: pass concepts=DataFrame to fit.")
-        cols = self._columns(C)
+        cols, T, Zs = supervised_inputs(self, Z, C)
         dev = Z.device
         n, d = Z.shape
         k, m = len(cols), len(self.classes_)
-        T = torch.from_numpy(C[cols].to_numpy(dtype=np.float32, copy=True)).to(dev)
-        self.input_mean_, self.input_scale_ = feature_standardizer(Z)
-        Zs = (Z - self.input_mean_.to(dev)) / self.input_scale_.to(dev)
         net = _Energies(d, k, m, int(self.hidden), int(self.global_hidden), int(self.prior_hidden),
                         float(self.dropout)).to(dev)
         gen = seeded_generator(self._seed + 11, dev)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from concepts.bank import ConceptBank
 
-from .base import ConceptHead, feature_standardizer, select_concept_columns
+from .base import ConceptHead, supervised_inputs
 from .training import fit_multilabel_logistic, seeded_generator, train_minibatch
 
 logger = logging.getLogger(__name__)
@@ -171,19 +171,11 @@ class ConceptBottleneckModel(ConceptHead):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v > 0 if strict else v >= 0):
                 raise ValueError(f"{name} must be a number {'>' if strict else '>='} 0; got {v!r}.")
 
-    def _columns(self, C: pd.DataFrame) -> list[str]:
-        return select_concept_columns(C, self.concept_columns)
-
     def _fit(self, Z: Tensor, y: Tensor, C: pd.DataFrame | None) -> None:
-        if C is None:  # fit() already checks this; kept for direct calls
-            raise ValueError("ConceptBottleneckModel needs concept labels: pass concepts=DataFrame to fit.")
-        cols = self._columns(C)
+        cols, T, Zs = supervised_inputs(self, Z, C)
         dev = Z.device
         n, d = Z.shape
         k, K = len(cols), len(self.classes_)
-        T = torch.from_numpy(C[cols].to_numpy(dtype=np.float32, copy=True)).to(dev)
-        self.input_mean_, self.input_scale_ = feature_standardizer(Z)
-        Zs = (Z - self.input_mean_.to(dev)) / self.input_scale_.to(dev)
         pos = T.mean(0).clamp(1e-3, 1 - 1e-3)
         predictor = (nn.Linear(d, k) if self.concept_predictor == "linear" else _mlp(d, self.hidden, k)).to(dev)
         with torch.no_grad():  # start at the concept base rates

@@ -684,7 +684,8 @@ class EnergyCBM(ConceptHead):
             vals, pos = torch.topk(lw, min(top, len(idx)), dim=0)          # [t, m]
             best_lw.append(vals)
             best_idx.append(idx[pos])
-        assert shift is not None  # at least one chunk (k >= 1)
+        if shift is None:  # no chunk: k == 0 concepts
+            raise ValueError("EnergyCBM has no concepts to enumerate; fit it with at least one concept column.")
         total = float(Zm.sum())
         log_total = math.log(total) + shift
         L_all, I_all = torch.cat(best_lw), torch.cat(best_idx)

@@ -308,7 +308,8 @@ class _Source:
     def batches(self, start: int) -> Iterator[_Batch]:
         bs = self.ext.batch_size
         if self.kind in ("images", "tensor"):
-            assert self.n is not None
+            if self.n is None:
+                raise RuntimeError(f"the {self.kind} source has no length; pass a sized collection of images or a tensor.")
             for k in range(start // bs, math.ceil(self.n / bs)):
                 lo, hi = k * bs, min(self.n, (k + 1) * bs)
                 if self.kind == "tensor":
@@ -320,7 +321,8 @@ class _Source:
         if self.kind == "dataset":
             from torch.utils.data import DataLoader, Subset
 
-            assert self.n is not None
+            if self.n is None:
+                raise RuntimeError("the dataset source has no length; pass a map-style Dataset with __len__.")
             k0 = start // bs
             loader = DataLoader(Subset(self._items, range(k0 * bs, self.n)), batch_size=bs, shuffle=False)
             for j, item in enumerate(loader):
@@ -328,7 +330,8 @@ class _Source:
                 lo = (k0 + j) * bs
                 yield _Batch(x, torch.arange(lo, lo + len(x)), lo, lo + len(x), k0 + j)
             return
-        assert self._iterable is not None
+        if self._iterable is None:
+            raise RuntimeError("this stream of images was already consumed; an iterable source can be extracted once -- pass a list or a Dataset to extract again.")
         stream = _chain(self._peeked, self._iterable)
         self._iterable = None  # one pass only
         pos = 0

@@ -219,6 +219,16 @@ def _npy_name(shard_id: int, array_id: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # the store (reading)
 # ---------------------------------------------------------------------------------------------
+def _require_folder(path: Path | None) -> Path:
+    """The store's folder; in-memory stores have none, so file operations on them are refused."""
+    if path is None:
+        raise StoreError(
+            "this store lives in memory and has no folder; write it with a StoreWriter(path) (or open a folder with "
+            "ActivationStore.open(path)) to use files."
+        )
+    return path
+
+
 class ActivationStore:
     """Read access to sharded activations written by :class:`~concepts.extractor.ConceptExtractor`.
 
@@ -402,7 +412,7 @@ class ActivationStore:
         with self._lock:
             if self._checked.get(sid) in (level, "checksum"):
                 return
-            assert self.path is not None
+            _require_folder(self.path)
             shard = self._index["shards"][sid]
             storage = self._index["storage"]
             expected = _expected_arrays(self._index, shard)
@@ -436,7 +446,7 @@ class ActivationStore:
         if self._memory is not None:
             return {n: self._memory[sid][n] for n in names}
         self._check_shard(sid)
-        assert self.path is not None
+        _require_folder(self.path)
         shard = self._index["shards"][sid]
         if self._index["storage"] == "safetensors":
             fpath = self.path / shard["files"][0]["name"]
@@ -805,12 +815,12 @@ class StoreWriter:
 
     # -- directory handling ---------------------------------------------------------------------
     def _store_files(self) -> list[Path]:
-        assert self.path is not None
+        _require_folder(self.path)
         return [p for p in self.path.iterdir() if p.name == INDEX_FILE or p.name.startswith("shard_")
                 or p.name == INDEX_FILE + ".tmp"]
 
     def _prepare_dir(self, index: dict[str, Any], *, overwrite: bool, resume: bool) -> dict[str, Any]:
-        assert self.path is not None
+        _require_folder(self.path)
         index_path = self.path / INDEX_FILE
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"store_path {self.path} exists and is not a directory.")
@@ -883,7 +893,7 @@ class StoreWriter:
 
     # -- writing ------------------------------------------------------------------------------------
     def _write_index(self) -> None:
-        assert self.path is not None
+        _require_folder(self.path)
         data = json.dumps(self._index, indent=1, sort_keys=True).encode()
         _atomic_write(self.path / INDEX_FILE, data, self.fsync)
 

@@ -387,7 +387,8 @@ class NMFDecomposition(ConceptDecomposition):
         k = self.n_concepts
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"n_concepts must be a positive integer; got {k!r}.")
-        assert A is not None  # guaranteed by fit (_requires_fit_data)
+        if A is None:
+            raise ValueError(f"{type(self).__name__} learns its concepts from activations; pass the inputs to fit.")
         if k > min(A.shape):
             raise ValueError(
                 f"n_concepts={k} exceeds min(m, d)={min(A.shape)} of the activations {tuple(A.shape)}; "
@@ -934,7 +935,8 @@ class ConceptModel(abc.ABC):
 
     def forward_masks(self, masks: Tensor, rows: Tensor, state: ConceptState) -> Tensor:
         """Outputs ``[b, C]`` when concept ``j`` of input ``rows[i]`` is scaled by ``masks[i, j]`` (1 = unchanged)."""
-        assert state.u is not None
+        if state.u is None:
+            raise ValueError(f"{type(self).__name__}: the state holds no concept codes; encode the inputs first (encode=True).")
         u = state.u[rows] * masks.to(state.u)[:, None, :]
         return self.forward_codes(u, rows, state)
 

@@ -208,7 +208,8 @@ class _CaptumGradient(ConceptAttribution):
 
         method = self._captum(forward)
         out = []
-        assert state.u is not None  # differentiable concept models always have codes
+        if state.u is None:
+            raise ValueError(f"{type(self).__name__} needs concept codes in the state; the concept model gave none (encode the inputs first).")
         for lo in self._chunks(state.n, self.batch_size):
             rows = torch.arange(lo, min(lo + self.batch_size, state.n))
             u = state.u[rows].detach().clone().requires_grad_(True)

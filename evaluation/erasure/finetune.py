@@ -525,7 +525,8 @@ class _FinetuneBase(BaseEstimator):
         from safetensors.torch import save_file
 
         folder = self._checkpoint_path()
-        assert folder is not None
+        if folder is None:
+            raise RuntimeError("no checkpoint folder is set; pass checkpoint_dir=... to checkpoint the fine-tuning.")
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{n}": t.detach().cpu().contiguous() for n, t in trainable.items()}
         for i, (n, t) in enumerate(trainable.items()):

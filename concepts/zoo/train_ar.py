@@ -30,10 +30,8 @@ Recipe (defaults of :class:`VQConfig` and :class:`LMConfig`):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +45,17 @@ from .autoregressive import (
 )
 from .checkpoint import load_state_dict_checked, read_json, save_state_dict, sha256_file, write_json
 from .train_diffusion import CAPTION_MIX, _try_detector, pixel_weights
-from .training_loop import ResumableTrainer
+from .training_loop import (
+    ResumableTrainer,
+    earlier_records,
+    load_focus_base,
+    load_prior_stage,
+    run_stage,
+    save_prior_stage,
+    stage_parser,
+    stage_record,
+    start_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -341,88 +349,45 @@ def _load_vq_stage(work: Path) -> tuple[dict, VQConfig, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m concepts.zoo.train_ar --help``)."""
-    parser = argparse.ArgumentParser(description="Train the built-in ConceptWorld autoregressive (Janus) model.")
-    parser.add_argument("--stage", choices=("vq", "prior", "lm", "focus"), required=True)
-    parser.add_argument("--work", required=True, type=Path, help="working folder (checkpoints, stage outputs)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the shipped files (default WORK/export)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="total steps of the stage")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop (after checkpointing) at this step")
+    parser = stage_parser("Train the built-in ConceptWorld autoregressive (Janus) model.", ("vq", "prior", "lm", "focus"))
     parser.add_argument("--codebook-size", type=int, default=VQConfig.codebook_size, help="VQ stage: number of codes")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    command = "python -m concepts.zoo.train_ar " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = start_stage(args, "concepts.zoo.train_ar", argv)
     work: Path = args.work
+    steps = {"total_steps": args.steps} if args.steps else {}
     if args.stage == "vq":
-        cfg = VQConfig(seed=args.seed, codebook_size=args.codebook_size,
-                       **({"total_steps": args.steps} if args.steps else {}))
-        trainer = VQTrainer(cfg)
-        trainer.fit(work / "vq_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
-        if trainer.step_index < cfg.total_steps:
-            logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
+        trainer = VQTrainer(VQConfig(seed=args.seed, codebook_size=args.codebook_size, **steps))
+        if not run_stage(trainer, work / "vq_ckpt", args):
             return 0
         (work / "vq").mkdir(parents=True, exist_ok=True)
         save_state_dict(trainer.shipped_state(), work / "vq" / "vq.safetensors")
-        record = {"sha256": sha256_file(work / "vq" / "vq.safetensors"), "command": command,
-                  "torch_threads": args.threads, "wall_time_s": round(trainer.elapsed_s, 1),
-                  "config": dataclasses.asdict(cfg), "history": trainer.history,
-                  "train_sample_seed": VQ_SAMPLE_SEED_OFFSET + cfg.seed}
-        write_json(record, work / "vq" / "vq_record.json")
+        write_json(stage_record(trainer, work / "vq" / "vq.safetensors", command=command, threads=args.threads,
+                                sample_seed=VQ_SAMPLE_SEED_OFFSET + args.seed), work / "vq" / "vq_record.json")
         logger.info("VQ done: %s", trainer.history[-1] if trainer.history else {})
         return 0
-
-    from safetensors.torch import load_file
 
     from .conditioning import CLIPTextConditioner, NullConditioner
 
     vq_state, vq_cfg, vq_record = _load_vq_stage(work)
-    steps = {"total_steps": args.steps} if args.steps else {}
     if args.stage == "prior":
         cfg = LMConfig(stage="prior", seed=args.seed, **{**PRIOR_DEFAULTS, **steps})
-        conditioner = NullConditioner(PRIOR_WIDTH, PRIOR_CONTEXT)
-        trainer = LMTrainer(cfg, vq_state, vq_cfg, conditioner)
-        trainer.fit(work / "prior_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
-        if trainer.step_index < cfg.total_steps:
-            logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
-            return 0
-        (work / "prior").mkdir(parents=True, exist_ok=True)
-        save_state_dict(trainer.trained.state_dict(), work / "prior" / "model.safetensors")
-        write_json({"sha256": sha256_file(work / "prior" / "model.safetensors"), "command": command,
-                    "torch_threads": args.threads, "wall_time_s": round(trainer.elapsed_s, 1),
-                    "config": dataclasses.asdict(cfg), "history": trainer.history,
-                    "train_sample_seed": LM_SAMPLE_SEED_OFFSET + cfg.seed}, work / "prior" / "prior_record.json")
-        logger.info("prior done: %s", trainer.history[-1] if trainer.history else {})
+        trainer = LMTrainer(cfg, vq_state, vq_cfg, NullConditioner(PRIOR_WIDTH, PRIOR_CONTEXT))
+        if run_stage(trainer, work / "prior_ckpt", args):
+            save_prior_stage(trainer, work, "model.safetensors", command=command, threads=args.threads,
+                             sample_seed=LM_SAMPLE_SEED_OFFSET + cfg.seed)
         return 0
 
-    prior_record, prior_state = None, None
-    if (work / "prior" / "prior_record.json").exists():  # optional: start from the unconditional prior
-        prior_record = read_json(work / "prior" / "prior_record.json")
-        prior_state = load_file(str(work / "prior" / "model.safetensors"))
-    conditioner = CLIPTextConditioner.from_zoo()
+    prior_record, prior_state = load_prior_stage(work, "model.safetensors")  # optional unconditional prior
     base_record = None
     if args.stage == "focus":  # continue from the EMA weights of the (stopped) lm stage, object-weighted loss
-        base_meta = read_json(work / "lm_ckpt" / "last.json")
-        base = load_file(str(work / "lm_ckpt" / "last.safetensors"))
-        init_state = {k[4:]: v for k, v in base.items() if k.startswith("ema.")}
-        base_record = {"steps": base_meta["step"], "wall_time_s": base_meta["elapsed_s"],
-                       "config": base_meta["config"], "history": base_meta["history"]}
-        cfg = LMConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps})
-        ckpt = work / "focus_ckpt"
+        init_state, base_record = load_focus_base(work / "lm_ckpt")
+        cfg, ckpt = LMConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps}), work / "focus_ckpt"
     else:
         init_state, cfg, ckpt = prior_state, LMConfig(seed=args.seed, **steps), work / "lm_ckpt"
-    trainer = LMTrainer(cfg, vq_state, vq_cfg, conditioner, init_state=init_state)
-    trainer.fit(ckpt, progress=not args.no_progress, max_steps=args.max_steps)
-    if trainer.step_index < cfg.total_steps:
-        logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
+    trainer = LMTrainer(cfg, vq_state, vq_cfg, CLIPTextConditioner.from_zoo(), init_state=init_state)
+    if not run_stage(trainer, ckpt, args):
         return 0
-    records = {"vq": {k: v for k, v in vq_record.items() if k != "sha256"}}
-    if prior_record is not None:
-        records["prior"] = {k: v for k, v in prior_record.items() if k != "sha256"}
-    if base_record is not None:
-        records["lm"] = base_record
+    records = earlier_records(("vq", vq_record), prior_record, ("lm", base_record))
     config = trainer.export(args.out or work / "export", records=records, command=command, threads=args.threads)
     logger.info("exported %s", config["weights"])
     return 0

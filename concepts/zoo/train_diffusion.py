@@ -31,10 +31,8 @@ Recipe (defaults of :class:`VAEConfig` and :class:`UNetConfig`):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +42,17 @@ import torch.nn.functional as F
 
 from .checkpoint import read_json, save_state_dict, sha256_file, write_json
 from .diffusion import CONFIG_FORMAT, DEFAULT_SETTINGS, DIFFUSION_NAME, build_pipeline, build_scheduler, build_unet, build_vae
-from .training_loop import ResumableTrainer
+from .training_loop import (
+    ResumableTrainer,
+    earlier_records,
+    load_focus_base,
+    load_prior_stage,
+    run_stage,
+    save_prior_stage,
+    stage_parser,
+    stage_record,
+    start_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -391,93 +399,50 @@ def _load_vae_stage(work: Path):
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m concepts.zoo.train_diffusion --help``)."""
-    parser = argparse.ArgumentParser(description="Train the built-in ConceptWorld diffusion model.")
-    parser.add_argument("--stage", choices=("vae", "prior", "unet", "focus"), required=True)
-    parser.add_argument("--work", required=True, type=Path, help="working folder (checkpoints, stage outputs)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the shipped files (default WORK/export)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="total steps of the stage")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop (after checkpointing) at this step")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = stage_parser("Train the built-in ConceptWorld diffusion model.", ("vae", "prior", "unet", "focus"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    command = "python -m concepts.zoo.train_diffusion " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = start_stage(args, "concepts.zoo.train_diffusion", argv)
     work: Path = args.work
+    steps = {"total_steps": args.steps} if args.steps else {}
     if args.stage == "vae":
-        cfg = VAEConfig(seed=args.seed, **({"total_steps": args.steps} if args.steps else {}))
-        trainer = VAETrainer(cfg)
-        trainer.fit(work / "vae_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
-        if trainer.step_index < cfg.total_steps:
-            logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
+        trainer = VAETrainer(VAEConfig(seed=args.seed, **steps))
+        if not run_stage(trainer, work / "vae_ckpt", args):
             return 0
         vae = trainer.model.eval()
         vae.register_to_config(scaling_factor=round(1.0 / trainer.latent_std(), 5))
         (work / "vae").mkdir(parents=True, exist_ok=True)
         save_state_dict(vae.state_dict(), work / "vae" / "vae.safetensors")
-        record = {"vae": json_ready(dict(vae.config)), "sha256": sha256_file(work / "vae" / "vae.safetensors"),
-                  "command": command, "torch_threads": args.threads, "wall_time_s": round(trainer.elapsed_s, 1),
-                  "config": dataclasses.asdict(cfg), "history": trainer.history,
-                  "train_sample_seed": VAE_SAMPLE_SEED_OFFSET + cfg.seed}
-        write_json(record, work / "vae" / "vae_record.json")
+        write_json(stage_record(trainer, work / "vae" / "vae.safetensors", command=command, threads=args.threads,
+                                sample_seed=VAE_SAMPLE_SEED_OFFSET + args.seed, vae=json_ready(dict(vae.config))),
+                   work / "vae" / "vae_record.json")
         logger.info("VAE done: %s", trainer.history[-1] if trainer.history else {})
         return 0
-
-    from safetensors.torch import load_file
 
     from .conditioning import CLIPTextConditioner, NullConditioner
 
     vae, vae_record = _load_vae_stage(work)
-    steps = {"total_steps": args.steps} if args.steps else {}
     if args.stage == "prior":
         cfg = UNetConfig(stage="prior", seed=args.seed, **{**PRIOR_DEFAULTS, **steps})
-        conditioner = NullConditioner(cfg.cross_attention_dim, PRIOR_CONTEXT)
-        trainer = UNetTrainer(cfg, vae, conditioner)
-        trainer.fit(work / "prior_ckpt", progress=not args.no_progress, max_steps=args.max_steps)
-        if trainer.step_index < cfg.total_steps:
-            logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
-            return 0
-        (work / "prior").mkdir(parents=True, exist_ok=True)
-        save_state_dict(trainer.trained.state_dict(), work / "prior" / "unet.safetensors")
-        write_json({"sha256": sha256_file(work / "prior" / "unet.safetensors"), "command": command,
-                    "torch_threads": args.threads, "wall_time_s": round(trainer.elapsed_s, 1),
-                    "config": dataclasses.asdict(cfg), "history": trainer.history,
-                    "train_sample_seed": UNET_SAMPLE_SEED_OFFSET + cfg.seed}, work / "prior" / "prior_record.json")
-        logger.info("prior done: %s", trainer.history[-1] if trainer.history else {})
+        trainer = UNetTrainer(cfg, vae, NullConditioner(cfg.cross_attention_dim, PRIOR_CONTEXT))
+        if run_stage(trainer, work / "prior_ckpt", args):
+            save_prior_stage(trainer, work, "unet.safetensors", command=command, threads=args.threads,
+                             sample_seed=UNET_SAMPLE_SEED_OFFSET + cfg.seed)
         return 0
 
-    prior_record, prior_state = None, None
-    if (work / "prior" / "prior_record.json").exists():  # optional: start from the unconditional prior
-        prior_record = read_json(work / "prior" / "prior_record.json")
-        prior_state = load_file(str(work / "prior" / "unet.safetensors"))
-    conditioner = CLIPTextConditioner.from_zoo()
+    prior_record, prior_state = load_prior_stage(work, "unet.safetensors")  # optional unconditional prior
     base_record = None
     if args.stage == "focus":  # continue from the EMA weights of the (stopped) unet stage, object-weighted loss
-        base_meta = read_json(work / "unet_ckpt" / "last.json")
-        base = load_file(str(work / "unet_ckpt" / "last.safetensors"))
-        init_state = {k[4:]: v for k, v in base.items() if k.startswith("ema.")}
-        base_record = {"command": base_meta.get("command"), "steps": base_meta["step"],
-                       "wall_time_s": base_meta["elapsed_s"], "config": base_meta["config"],
-                       "history": base_meta["history"]}
-        cfg = UNetConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps})
-        ckpt = work / "focus_ckpt"
+        init_state, base_record = load_focus_base(work / "unet_ckpt")
+        cfg, ckpt = UNetConfig(stage="focus", seed=args.seed, **{**FOCUS_DEFAULTS, **steps}), work / "focus_ckpt"
     else:
         init_state, cfg, ckpt = prior_state, UNetConfig(seed=args.seed, **steps), work / "unet_ckpt"
-    trainer = UNetTrainer(cfg, vae, conditioner, init_state=init_state)
-    trainer.fit(ckpt, progress=not args.no_progress, max_steps=args.max_steps)
-    if trainer.step_index < cfg.total_steps:
-        logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, cfg.total_steps)
+    trainer = UNetTrainer(cfg, vae, CLIPTextConditioner.from_zoo(), init_state=init_state)
+    if not run_stage(trainer, ckpt, args):
         return 0
-    records = {"vae": {k: v for k, v in vae_record.items() if k not in ("vae", "sha256")}}
-    if prior_record is not None:
-        records["prior"] = {k: v for k, v in prior_record.items() if k != "sha256"}
-    if base_record is not None:
-        records["unet"] = base_record
+    records = earlier_records(("vae", vae_record), prior_record, ("unet", base_record), drop=("vae", "sha256"))
     config = trainer.export(args.out or work / "export", records=records, command=command, threads=args.threads)
     logger.info("exported %s", config["weights"])
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

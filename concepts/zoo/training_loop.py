@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_json, save_state_dict, write_json
+from .checkpoint import read_json, save_state_dict, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +233,94 @@ class ResumableTrainer:
                 t0 = time.perf_counter()
         bar.close()
         return self
+
+
+# ------------------------------------------------------------------------------------------------
+# command-line stages shared by the generator training scripts (train_diffusion, train_ar)
+# ------------------------------------------------------------------------------------------------
+def stage_parser(description: str, stages: tuple[str, ...]) -> Any:
+    """``argparse`` parser with the options every staged training script takes (``--stage --work --out --seed
+    --steps --threads --max-steps --no-progress``); scripts add their own options to it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stage", choices=stages, required=True)
+    parser.add_argument("--work", required=True, type=Path, help="working folder (checkpoints, stage outputs)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the shipped files (default WORK/export)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="total steps of the stage")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop (after checkpointing) at this step")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def start_stage(args: Any, module: str, argv: list[str] | None) -> str:
+    """Logging and torch threads for a stage run; returns the command line recorded in the shipped config."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def run_stage(trainer: ResumableTrainer, ckpt: Path, args: Any) -> bool:
+    """Fit (resuming from ``ckpt``) up to ``--max-steps``; True when the stage has reached its total steps."""
+    trainer.fit(ckpt, progress=not args.no_progress, max_steps=args.max_steps)
+    total = trainer.config.total_steps
+    if trainer.step_index < total:
+        logger.info("stopped at step %d of %d; rerun the command to resume", trainer.step_index, total)
+        return False
+    return True
+
+
+def stage_record(trainer: ResumableTrainer, weights: Path, *, command: str, threads: int, sample_seed: int,
+                 **extra: Any) -> dict[str, Any]:
+    """What a finished stage records next to its weights (checksum, command, time, config, history, data seed)."""
+    return {**extra, "sha256": sha256_file(weights), "command": command, "torch_threads": threads,
+            "wall_time_s": round(trainer.elapsed_s, 1), "config": dataclasses.asdict(trainer.config),
+            "history": trainer.history, "train_sample_seed": sample_seed}
+
+
+def save_prior_stage(trainer: ResumableTrainer, work: Path, weights_name: str, *, command: str, threads: int,
+                     sample_seed: int) -> None:
+    """Write the unconditional prior's weights and record to ``WORK/prior``."""
+    (work / "prior").mkdir(parents=True, exist_ok=True)
+    path = work / "prior" / weights_name
+    save_state_dict(trainer.trained.state_dict(), path)
+    write_json(stage_record(trainer, path, command=command, threads=threads, sample_seed=sample_seed),
+               work / "prior" / "prior_record.json")
+    logger.info("prior done: %s", trainer.history[-1] if trainer.history else {})
+
+
+def load_prior_stage(work: Path, weights_name: str) -> tuple[dict | None, dict | None]:
+    """(record, state dict) of ``WORK/prior`` when that optional stage was run, else (None, None)."""
+    from safetensors.torch import load_file
+
+    if not (work / "prior" / "prior_record.json").exists():
+        return None, None
+    return read_json(work / "prior" / "prior_record.json"), load_file(str(work / "prior" / weights_name))
+
+
+def load_focus_base(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """EMA weights and the record of the (possibly stopped) conditional stage that a ``focus`` stage continues."""
+    from safetensors.torch import load_file
+
+    meta = read_json(ckpt / "last.json")
+    state = load_file(str(ckpt / "last.safetensors"))
+    record = {"command": meta.get("command"), "steps": meta["step"], "wall_time_s": meta["elapsed_s"],
+              "config": meta["config"], "history": meta["history"]}
+    return {k[4:]: v for k, v in state.items() if k.startswith("ema.")}, record
+
+
+def earlier_records(first: tuple[str, dict], prior_record: dict | None, base: tuple[str, dict | None],
+                    drop: tuple[str, ...] = ("sha256",)) -> dict[str, dict]:
+    """The ``training`` records of the stages before the exported one: stage 1, the optional prior, the base stage
+    a ``focus`` stage continued (checksums and other keys in ``drop`` left out)."""
+    name, record = first
+    records = {name: {k: v for k, v in record.items() if k not in drop}}
+    if prior_record is not None:
+        records["prior"] = {k: v for k, v in prior_record.items() if k != "sha256"}
+    if base[1] is not None:
+        records[base[0]] = base[1]
+    return records

@@ -216,7 +216,7 @@ class LeaceEraser:
         return eye - self.proj_left @ self.proj_right
 
     # -- application ----------------------------------------------------------------------------
-    def delta(self, x: Tensor, dim: int = -1) -> Tensor:
+    def delta(self, x: Tensor, dim: int = -1, one_sided: Tensor | None = None) -> Tensor:
         """The change ``x' - x`` the eraser makes (at strength 1), same shape and dtype as ``x``.
 
         Parameters
@@ -225,6 +225,11 @@ class LeaceEraser:
             Features on dimension ``dim`` (any number of other dimensions).
         dim : int, default -1
             Feature dimension (1 for convolutional maps [rows, C, H, W]).
+        one_sided : Tensor, optional
+            [rank] signs ``+-1`` pointing from ``bias`` toward the concept in the erased coordinates
+            ``(x - bias) proj_right^T``. Given, only the part of each coordinate on the concept's side is removed
+            (``c -> sign * relu(sign * c)``); rows on the other side are left alone (a rectified, non-linear variant:
+            the linear guarantee then holds only for rows on the concept side).
 
         Returns
         -------
@@ -242,7 +247,11 @@ class LeaceEraser:
         L = self.proj_left.to(device=x.device, dtype=ct)
         R = self.proj_right.to(device=x.device, dtype=ct)
         centred = xm.to(ct) if self.bias is None else xm.to(ct) - self.bias.to(device=x.device, dtype=ct)
-        change = -((centred @ R.T) @ L.T)
+        coef = centred @ R.T
+        if one_sided is not None:
+            sign = one_sided.to(device=x.device, dtype=ct)
+            coef = sign * torch.relu(sign * coef)
+        change = -(coef @ L.T)
         return change.movedim(-1, d).to(x.dtype if x.is_floating_point() else ct)
 
     def __call__(self, x: Tensor, dim: int = -1, strength: float = 1.0) -> Tensor:

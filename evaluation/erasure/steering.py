@@ -87,10 +87,7 @@ class LeaceEdit(Edit):
     strength : float, default 1.0
         0 is the identity (the layer output is returned untouched), 1 erases.
     one_sided : Tensor, optional
-        [rank] signs ``+-1`` pointing from the eraser's ``bias`` toward the concept (in the coordinates
-        ``(x - bias) proj_right^T``). Given, only the part of each coordinate on the concept's side is removed
-        (``c -> sign * relu(sign * c)``): rows on the other side of the anchor are left alone. This is a
-        rectified, non-linear variant; the linear guarantee of LEACE then holds only for rows on the concept side.
+        [rank] signs ``+-1``: erase only on the concept's side of the anchor (see :meth:`LeaceEraser.delta`).
     rows, steps, tokens, phases, dim
         See :class:`concepts.generators.Edit`.
 
@@ -135,24 +132,7 @@ class LeaceEdit(Edit):
         return super().__call__(x, ctx)
 
     def delta(self, x: Tensor, ctx: CallContext | None) -> Tensor:
-        d = self._feature_dim(x)
-        if self.one_sided is None:
-            change = self.eraser.delta(x, dim=d)
-        else:
-            e = self.eraser
-            if x.shape[d] != e.dim:
-                raise ValueError(
-                    f"x has {x.shape[d]} features along dim {d} (shape {tuple(x.shape)}), but the eraser is expecting "
-                    f"{e.dim} features."
-                )
-            ct = torch.promote_types(x.dtype, torch.float32)
-            xm = x.movedim(d, -1).to(ct)
-            if e.bias is not None:
-                xm = xm - e.bias.to(device=x.device, dtype=ct)
-            coef = xm @ e.proj_right.to(device=x.device, dtype=ct).T
-            sign = self.one_sided.to(device=x.device, dtype=ct)
-            coef = sign * torch.relu(sign * coef)
-            change = (-(coef @ e.proj_left.to(device=x.device, dtype=ct).T)).movedim(-1, d).to(x.dtype)
+        change = self.eraser.delta(x, dim=self._feature_dim(x), one_sided=self.one_sided)
         return change if self.strength == 1.0 else self.strength * change
 
     def __repr__(self) -> str:

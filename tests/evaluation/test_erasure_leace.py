@@ -221,3 +221,21 @@ def test_matches_concept_erasure_package(k, shrinkage, affine):
     orth_ref = ce.LeaceFitter.fit(X, Z, method="orth", affine=affine).eraser
     orth = LeaceFitter(method="orth", affine=affine).fit(Xtr, ytr).eraser_
     assert (orth_ref(Xt) - orth(Xt)).abs().max() < 1e-4
+
+
+def test_one_sided_delta_erases_only_the_concept_side():
+    """With signs pointing toward the concept, rows on the concept side get the full LEACE change and rows on the
+    other side of the anchor are left exactly as they were; on binary data the concept rows still end at the anchor."""
+    X, y = make_classification(n_samples=600, n_features=6, n_informative=3, n_redundant=0, random_state=0)
+    X = torch.tensor(X, dtype=torch.float64)
+    eraser = LeaceFitter().fit(X, y).eraser_
+    coef = (X - eraser.bias) @ eraser.proj_right.T                        # [n, 1] erased coordinate
+    sign = torch.sign(coef[torch.tensor(y) == 1].mean(0))                   # concept class side
+    full, one = eraser.delta(X), eraser.delta(X, one_sided=sign)
+    side = (sign * coef[:, 0]) > 0
+    assert 0 < int(side.sum()) < len(X)
+    torch.testing.assert_close(one[side], full[side])
+    assert torch.equal(one[~side], torch.zeros_like(one[~side]))
+    after = X + one
+    assert torch.allclose(((after - eraser.bias) @ eraser.proj_right.T)[side], torch.zeros(int(side.sum()), 1,
+                                                                                          dtype=X.dtype), atol=1e-9)

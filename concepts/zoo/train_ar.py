@@ -35,7 +35,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +43,7 @@ from .autoregressive import (
     quantize,
 )
 from .checkpoint import load_state_dict_checked, read_json, save_state_dict, sha256_file, write_json
-from .train_diffusion import CAPTION_MIX, _try_detector, pixel_weights
+from .train_diffusion import CAPTION_MIX, ConditionalTrainer, _try_detector, pixel_weights
 from .training_loop import (
     ResumableTrainer,
     earlier_records,
@@ -218,10 +217,11 @@ class VQTrainer(ResumableTrainer):
         return out
 
 
-class LMTrainer(ResumableTrainer):
+class LMTrainer(ConditionalTrainer):
     """Stage 2 of :mod:`concepts.zoo.train_ar`: the Janus language model on frozen VQ tokens and CLIP states."""
 
     name = "train_ar.lm"
+    caption_stream = 2
 
     def __init__(self, config: LMConfig, vq_state: dict, vq_cfg: VQConfig, conditioner: torch.nn.Module,
                  init_state: dict | None = None) -> None:
@@ -250,19 +250,6 @@ class LMTrainer(ResumableTrainer):
         super().__init__(model, config)
         self._detector = None
 
-    def captions(self, batch, step: int) -> list[str]:
-        from .prompts import sample_spec
-
-        c = self.config
-        rng = np.random.default_rng([c.seed, step, 2])
-        objs = [[] for _ in range(len(batch))]
-        for i, size, colour, shape in batch.objects[["image", "size", "colour", "shape"]].itertuples(index=False):
-            objs[i].append((size, colour, shape))
-        caps = [sample_spec(objs[i], batch.backgrounds[i], rng, mix=c.mix, p_template=c.p_template).text()
-                for i in range(len(batch))]
-        drop = rng.random(len(caps)) < c.p_uncond
-        return ["" if d else cap for cap, d in zip(caps, drop)]
-
     def loss(self, step: int) -> dict[str, torch.Tensor]:
         c = self.config
         b = self.world.sample(c.batch_size, seed=LM_SAMPLE_SEED_OFFSET + c.seed, start=step * c.batch_size)
@@ -288,23 +275,6 @@ class LMTrainer(ResumableTrainer):
     def generator(self, model: torch.nn.Module | None = None) -> ConceptWorldJanusGenerator:
         return ConceptWorldJanusGenerator((model or self.trained).eval(), self.conditioner, model_id=AR_NAME,
                                           settings=dict(DEFAULT_SETTINGS))
-
-    def monitor(self) -> dict[str, float]:
-        from .detector import heldout_prompts, prompt_fidelity
-
-        if self.config.monitor_size <= 0:
-            return {}
-        if self._detector is None:
-            self._detector = _try_detector()
-        if self._detector is None:
-            return {}
-        caps, wanted = heldout_prompts(self.config.monitor_size, seed=MONITOR_SAMPLE_SEED)
-        if self.config.stage == "prior":  # unconditional samples: chance level of each family
-            wanted = wanted[len(wanted) // 2:] + wanted[:len(wanted) // 2]
-        out = self.generator().generate(caps, seeds=0)
-        q = prompt_fidelity(self._detector.detect(out.images), wanted)
-        return {k: q[k] for k in ("colour", "shape", "colour_shape", "count", "background", "colour_extra", "shape_extra")
-                if k in q}
 
     def export(self, out: Path, *, records: dict, command: str | None = None, threads: int | None = None) -> dict:
         """Write ``config.json`` and ``model.safetensors`` to ``out``."""

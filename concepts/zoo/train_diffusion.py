@@ -241,7 +241,48 @@ def _try_detector():
         return None
 
 
-class UNetTrainer(ResumableTrainer):
+class ConditionalTrainer(ResumableTrainer):
+    """A text-conditioned generator stage (UNet or LM): training captions and the detector-read prompt monitor.
+
+    Subclasses set ``caption_stream`` (a random stream of their own) and ``_detector = None`` and provide
+    ``generator()``; their config has ``seed``, ``mix``, ``p_template``, ``p_uncond``, ``monitor_size``, ``stage``.
+    """
+
+    caption_stream: int = 1
+
+    def captions(self, batch, step: int) -> list[str]:
+        """Training captions of a batch (deterministic in the step): sample_spec mix, ``""`` with p_uncond."""
+        from .prompts import sample_spec
+
+        c = self.config
+        rng = np.random.default_rng([c.seed, step, self.caption_stream])
+        objs = [[] for _ in range(len(batch))]
+        for i, size, colour, shape in batch.objects[["image", "size", "colour", "shape"]].itertuples(index=False):
+            objs[i].append((size, colour, shape))
+        caps = [sample_spec(objs[i], batch.backgrounds[i], rng, mix=c.mix, p_template=c.p_template).text()
+                for i in range(len(batch))]
+        drop = rng.random(len(caps)) < c.p_uncond
+        return ["" if d else cap for cap, d in zip(caps, drop)]
+
+    def monitor(self) -> dict[str, float]:
+        from .detector import heldout_prompts, prompt_fidelity
+
+        if self.config.monitor_size <= 0:
+            return {}
+        if self._detector is None:
+            self._detector = _try_detector()
+        if self._detector is None:
+            return {}
+        caps, wanted = heldout_prompts(self.config.monitor_size, seed=MONITOR_SAMPLE_SEED)
+        if self.config.stage == "prior":  # unconditional samples: how often each family is plausible at all
+            wanted = wanted[len(wanted) // 2:] + wanted[:len(wanted) // 2]
+        out = self.generator().generate(caps, seeds=0)
+        q = prompt_fidelity(self._detector.detect(out.images), wanted)
+        return {k: q[k] for k in ("colour", "shape", "colour_shape", "count", "background", "colour_extra", "shape_extra")
+                if k in q}
+
+
+class UNetTrainer(ConditionalTrainer):
     """Stage 2 of :mod:`concepts.zoo.train_diffusion`: the UNet on frozen VAE latents and CLIP text states."""
 
     name = "train_diffusion.unet"
@@ -273,20 +314,6 @@ class UNetTrainer(ResumableTrainer):
         acp = self.noise.alphas_cumprod
         self.snr = acp / (1 - acp)
         self._detector = None
-
-    def captions(self, batch, step: int) -> list[str]:
-        """Training captions of a batch (deterministic in the step): sample_spec mix, ``""`` with p_uncond."""
-        from .prompts import sample_spec
-
-        c = self.config
-        rng = np.random.default_rng([c.seed, step, 1])
-        objs = [[] for _ in range(len(batch))]
-        for i, size, colour, shape in batch.objects[["image", "size", "colour", "shape"]].itertuples(index=False):
-            objs[i].append((size, colour, shape))
-        caps = [sample_spec(objs[i], batch.backgrounds[i], rng, mix=c.mix, p_template=c.p_template).text()
-                for i in range(len(batch))]
-        drop = rng.random(len(caps)) < c.p_uncond
-        return ["" if d else cap for cap, d in zip(caps, drop)]
 
     def loss(self, step: int) -> dict[str, torch.Tensor]:
         c = self.config
@@ -326,23 +353,6 @@ class UNetTrainer(ResumableTrainer):
             self.pipeline(unet), text_encoder_fn=self.conditioner.encode, extra_modules={"text_encoder": self.conditioner},
             model_id=DIFFUSION_NAME, settings=dict(DEFAULT_SETTINGS),
         )
-
-    def monitor(self) -> dict[str, float]:
-        from .detector import heldout_prompts, prompt_fidelity
-
-        if self.config.monitor_size <= 0:
-            return {}
-        if self._detector is None:
-            self._detector = _try_detector()
-        if self._detector is None:
-            return {}
-        caps, wanted = heldout_prompts(self.config.monitor_size, seed=MONITOR_SAMPLE_SEED)
-        if self.config.stage == "prior":  # unconditional samples: how often each family is plausible at all
-            wanted = wanted[len(wanted) // 2:] + wanted[:len(wanted) // 2]
-        out = self.generator().generate(caps, seeds=0)
-        q = prompt_fidelity(self._detector.detect(out.images), wanted)
-        return {k: q[k] for k in ("colour", "shape", "colour_shape", "count", "background", "colour_extra", "shape_extra")
-                if k in q}
 
     def export(self, out: Path, *, records: dict, command: str | None = None, threads: int | None = None) -> dict:
         """Write ``config.json``, ``vae.safetensors`` and ``unet.safetensors`` to ``out``."""

@@ -18,9 +18,13 @@ Set-up (all seeded, offline, on the built-in models):
   direction edit on the output of their text tower (the ``text_encoder`` hook, conditional rows only):
   ``AddVector(-1.5 (v_red + v_stripes))`` on the first 500 captions, where ``v_c`` is the mean difference of the
   conditional text states between 400-caption calibration prompts mentioning ``c`` and the same prompts with ``c`` swapped for another colour /
-  background (activation steering with counterfactual prompts). It is compared with the *unsteered* model on the
+  background (activation steering with counterfactual prompts);
+* **plant 3, SAE-feature steering** (same generators, same layer): a TopK SAE (128 features, k = 8) fitted on the
+  conditional text states of the 400 calibration captions; the features whose per-caption maximum predicts "blue"
+  or "grid" in the caption (AUROC >= 0.9) are multiplied by -5 with :class:`~concepts.generators.ClampFeatures`
+  (the SAE's reconstruction error is kept, so only those features move). Plants 2 and 3 are each compared with the *unsteered* model on the
   same captions and seeds, so the model's natural blindspots cancel out and only the plant remains; the truth of
-  the steered images (which concepts changed >= 2-fold, including side effects such as other colours taking red's
+  the edited images (which concepts changed >= 2-fold, including side effects such as other colours taking red's
   place) is read by the ConceptWorld detector, and a steered concept counts as planted only where the detector
   sees it suppressed >= 2-fold (a steering edit that does not change the pixels plants nothing; such edits are
   listed, not scored);
@@ -55,6 +59,8 @@ N = 400 if QUICK else 1000
 SAE = {"n_concepts": 128, "top_k": 8, "n_epochs": 10} if QUICK else {"n_concepts": 256, "top_k": 8, "n_epochs": 20}
 STEER_SUPPRESS = ("red", "stripes")
 STEER_STRENGTH = 1.5
+SAE_SUPPRESS = ("blue", "grid")
+SAE_SCALE = -5.0
 WORLD_PLANT = {"suppress": {"red": 1.0, "yellow": 1.0, "stripes": 1.0, "blue circle": 1.0},
                "exaggerate": {"purple": 0.35, "dots": 0.6}}
 
@@ -116,6 +122,28 @@ def steering_direction(gen, layer: str, concept: str, captions: list[str], n: in
     return diff[diff.abs().sum(-1) > 1e-4].mean(0)
 
 
+def sae_feature_edit(gen, layer: str, concepts: tuple[str, ...], calib) -> tuple[object, list[int]]:
+    """An SAE-feature edit that suppresses ``concepts``: a TopK SAE (128 features, k = 8) fitted on the conditional
+    token states of ``layer`` for the calibration captions, the features whose per-caption maximum predicts a
+    concept's presence in the caption with AUROC >= 0.9 (:func:`~evaluation.blindspots_world.unit_concept_map`),
+    and :class:`~concepts.generators.ClampFeatures` multiplying them by ``SAE_SCALE`` on the conditional rows."""
+    from concepts.generators import ClampFeatures
+    from evaluation.blindspots_world import unit_concept_map
+    from sae import TopKSAE
+
+    short = {"steps": 1} if "steps" in getattr(gen, "settings", {}) else {}
+    n = len(calib.captions)
+    cache = gen.run_with_cache(list(calib.captions), list(range(n)), [layer], **short)
+    states = cache.split_cfg(layer)[0].float()
+    flat = states.reshape(-1, states.shape[-1])
+    sae = TopKSAE(n_concepts=128, top_k=8, n_epochs=30, batch_size=256, b_dec_init="mean", random_state=0)
+    sae.fit(flat)
+    codes = torch.as_tensor(sae.transform(flat)).reshape(n, states.shape[1], -1).amax(1)
+    units = unit_concept_map(codes.numpy(), calib.concepts)
+    features = units.loc[units["mapped"] & units["truth"].isin(concepts), "concept"].tolist()
+    return ClampFeatures(sae, features, SAE_SCALE, mode="scale", rows="cond"), features
+
+
 def main() -> None:
     torch.set_num_threads(1)
     from concepts import zoo
@@ -151,9 +179,9 @@ def main() -> None:
         s = analysis.results[g].summary()
         null_rows.append((g, s["suppressed"] + s["exaggerated"], s["n_tested"]))
 
-    steering_info, unrealised = [], []
+    steering_info, unrealised, steering_s = [], [], {}
     n_steer = min(N, 500)
-    calib = ConceptWorld(seed=0, image_size=32).sample(400, seed=50).captions
+    calib = ConceptWorld(seed=0, image_size=32).sample(400, seed=50)
     for name in _builtin_generators():
         t0 = time.perf_counter()
         gen = zoo.load(name)
@@ -161,32 +189,38 @@ def main() -> None:
         # the conditional rows of the text conditioning: the text tower's output in the diffusion model (its encode
         # calls are labelled cond / uncond); the aligner that feeds it to the language model in the AR model
         layer = "model.aligner" if "model.aligner" in gen.module_names("model.aligner") else "text_encoder"
-        direction = sum(steering_direction(gen, layer, c, calib) for c in STEER_SUPPRESS)
-        edit = AddVector(direction, -STEER_STRENGTH, rows="cond")
+        direction = sum(steering_direction(gen, layer, c, calib.captions) for c in STEER_SUPPRESS)
         caps, seeds = real.captions[:n_steer], list(range(n_steer))
         base, _ = generate_images(gen, caps, seeds, batch_size=100, progress=False)
         other, _ = generate_images(gen, caps, [s + 100_000 for s in seeds], batch_size=100, progress=False)
-        steered, _ = generate_images(SteeredGenerator(gen, {layer: edit}, f"{name}+steer"), caps, seeds,
-                                     batch_size=100, progress=False)
         e_base = coder.transform(base)
         null = compare_energies(e_base, coder.transform(other), names=coder.names)
         ns = null.summary()
         null_rows.append((f"{name} vs itself (other seeds)", ns["suppressed"] + ns["exaggerated"], ns["n_tested"]))
-        res = compare_energies(e_base, coder.transform(steered), names=coder.names)
         base_lab = detector.detect(base)
-        truth_s = label_changes(base_lab, detector.detect(steered))
-        # a steering plant counts only where it took effect: the detector must see the concept suppressed
-        # (>= 2-fold fewer images) in the steered images; plants that did not change the pixels are listed apart
-        realised = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
-        planted = {c: "suppressed" for c in STEER_SUPPRESS if c in realised}
-        unrealised.extend(f"{c} ({name})" for c in STEER_SUPPRESS if c not in realised)
-        if planted:
-            rows.append((f"{name} steered (-{STEER_STRENGTH:g} v_{'-v_'.join(STEER_SUPPRESS)})", planted,
-                         planted_recovery(res.concepts, unit_map, truth_s, planted)))
-        moved = truth_s[truth_s["change"] != ""]
-        steering_info.append((name, layer, time.perf_counter() - t0,
-                              ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
-                                        zip(moved["truth"], moved["freq_real"], moved["freq_gen"]))))
+        sae_edit, sae_features = sae_feature_edit(gen, layer, SAE_SUPPRESS, calib)
+        plants = (
+            (f"{name} steered (-{STEER_STRENGTH:g} v_{'-v_'.join(STEER_SUPPRESS)})", STEER_SUPPRESS,
+             AddVector(direction, -STEER_STRENGTH, rows="cond")),
+            (f"{name} SAE features x{SAE_SCALE:g} ({', '.join(SAE_SUPPRESS)}: {len(sae_features)} features)",
+             SAE_SUPPRESS, sae_edit),
+        )
+        for label, concepts, edit in plants:
+            steered, _ = generate_images(SteeredGenerator(gen, {layer: edit}, f"{name}+edit"), caps, seeds,
+                                         batch_size=100, progress=False)
+            res = compare_energies(e_base, coder.transform(steered), names=coder.names)
+            truth_s = label_changes(base_lab, detector.detect(steered))
+            # a steering plant counts only where it took effect: the detector must see the concept suppressed
+            # (>= 2-fold fewer images) in the steered images; plants that did not change the pixels are listed apart
+            realised = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
+            planted = {c: "suppressed" for c in concepts if c in realised}
+            unrealised.extend(f"{c} ({label})" for c in concepts if c not in realised)
+            if planted:
+                rows.append((label, planted, planted_recovery(res.concepts, unit_map, truth_s, planted)))
+            moved = truth_s[truth_s["change"] != ""]
+            steering_info.append((label, layer, ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
+                                                          zip(moved["truth"], moved["freq_real"], moved["freq_gen"]))))
+        steering_s[name] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- report
     print(f"Planted blindspots on ConceptWorld ({N} caption pairs; lens: built-in CLIP {coder.layer_}, "
@@ -212,9 +246,10 @@ def main() -> None:
     print(f"{'null comparison':45s} {'flags':>5s} {'tested':>6s}")
     for label, flags, tested in null_rows:
         print(f"{label:45s} {flags:5d} {tested:6d}")
-    for name, layer, secs, moved in steering_info:
-        print(f"steering on {name} ({n_steer} pairs, edited layer {layer}, {secs:.1f} s); detector-read concepts "
-              f"that changed >= 2-fold: {moved}")
+    for name, secs in steering_s.items():
+        print(f"steering plants on {name}: {n_steer} pairs per plant, {secs:.1f} s")
+    for label, layer, moved in steering_info:
+        print(f"{label} (edited layer {layer}); detector-read concepts that changed >= 2-fold: {moved}")
     if unrealised:
         print(f"steering plants that did not take effect in the pixels (not counted): {', '.join(unrealised)}")
     if not steering_info:

@@ -652,9 +652,10 @@ from evaluation.erasure import erasure_prompt_sets, evaluate_erasure, fit_infere
 
 gen = zoo.load("conceptworld-ar")
 fit_sets = erasure_prompt_sets("red", n_target=48, n_retain=48, n_utility=1, seed=11, seed_offset=50_000)
-erasure = fit_inference_erasure(gen, "model.language_model.layers.1", fit_sets["target"].prompts,
-                                fit_sets["retain"].prompts, method="leace", anchor="other", phases="token")
-erased = erasure.apply(gen, 1.0)
+# the aligner feeds the CLIP text states to the language model; one-sided: only the rows on red's side move
+erasure = fit_inference_erasure(gen, "model.aligner", fit_sets["target"].prompts, fit_sets["retain"].prompts,
+                                method="leace", anchor="other", one_sided=True)
+erased = erasure.apply(gen, 2.0)
 """),
     code("""
 detector = zoo.load("conceptworld-detector")

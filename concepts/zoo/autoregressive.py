@@ -61,8 +61,12 @@ __all__ = [
 
 AR_NAME = "conceptworld-ar"
 CONFIG_FORMAT = "conceptkit.zoo.autoregressive"
-DEFAULT_SETTINGS: dict[str, Any] = {"guidance": 3.0, "temperature": 1.0, "top_k": None, "top_p": None}
-"""Default generation settings of the shipped model (overridable per call)."""
+DEFAULT_SETTINGS: dict[str, Any] = {"guidance": 20.0, "temperature": 1.0, "top_k": None, "top_p": None}
+"""Default generation settings of the shipped model (overridable per call). Guidance 20 was chosen on held-out
+prompts of sample seeds 555 and 556 (500 prompts; the benchmark uses seed 777); on the 200 of seed 555, from guidance
+3 to 20 the prompted colour present rises 0.72 -> 0.79 and the prompted shape 0.59 -> 0.71, while unprompted colours
+rise 0.14 -> 0.21 and count accuracy falls 0.62 -> 0.42 (the model draws extra objects) -- a trade documented in the
+README."""
 
 SPECIAL_TOKENS: dict[str, int] = {"pad": 0, "bos": 1, "eos": 2, "image": 3, "boi": 4, "eoi": 5}
 """Ids of the LLaMA vocabulary (the text itself never goes through it)."""

@@ -67,7 +67,7 @@ PRIOR_WIDTH = 64
 PRIOR_CONTEXT = 32
 PRIOR_DEFAULTS: dict = {"total_steps": 1200, "ema": 0.995, "p_uncond": 0.0, "warmup_steps": 100}
 """Stage ``prior``: the language model trained unconditionally (all-zero text states, no CLIP needed)."""
-FOCUS_DEFAULTS: dict = {"total_steps": 4000, "lr": 6e-4, "warmup_steps": 100, "object_weight": 4.0,
+FOCUS_DEFAULTS: dict = {"total_steps": 8000, "lr": 6e-4, "warmup_steps": 100, "object_weight": 4.0,
                         "small_object_weight": 8.0}
 """Stage ``focus``: continues the ``lm`` stage with the loss weighted towards the tokens of patches covering objects."""
 

@@ -64,7 +64,7 @@ MONITOR_SAMPLE_SEED = 777
 PRIOR_CONTEXT = 32
 PRIOR_DEFAULTS: dict = {"total_steps": 1200, "ema": 0.995, "p_uncond": 0.0, "warmup_steps": 100}
 """Stage ``prior``: the UNet trained unconditionally (all-zero text states, no CLIP needed)."""
-FOCUS_DEFAULTS: dict = {"total_steps": 4000, "lr": 4e-4, "warmup_steps": 100, "object_weight": 4.0,
+FOCUS_DEFAULTS: dict = {"total_steps": 8000, "lr": 4e-4, "warmup_steps": 100, "object_weight": 4.0,
                         "small_object_weight": 8.0, "prediction_type": "v_prediction", "zero_terminal_snr": True}
 """Stage ``focus``: continues the ``unet`` stage with the loss weighted towards the latent pixels covering objects."""
 

@@ -25,9 +25,12 @@ Set-up (all seeded, offline, on the built-in models):
   (the SAE's reconstruction error is kept, so only those features move). Plants 2 and 3 are each compared with the *unsteered* model on the
   same captions and seeds, so the model's natural blindspots cancel out and only the plant remains; the truth of
   the edited images (which concepts changed >= 2-fold, including side effects such as other colours taking red's
-  place) is read by the ConceptWorld detector, and a steered concept counts as planted only where the detector
-  sees it suppressed >= 2-fold (a steering edit that does not change the pixels plants nothing; such edits are
-  listed, not scored);
+  place) is read by the ConceptWorld detector, and a steered concept counts as planted only where the detector,
+  its detections tested like the units (:func:`~evaluation.blindspots_world.detector_comparison`: same delta,
+  thresholds and FDR), itself flags it suppressed -- an edit that does not change the pixels plants nothing, and
+  one that only halves a concept leaves its delta inside the default band [0.2, 0.8], so it is no blindspot at
+  the default thresholds either; such plants are listed, not scored (``recall_incl_weak`` counts the halved ones
+  as planted and missed);
 * **null comparisons**: the real set against (a) an independent sample of the same world, unpaired, and (b) the
   faithful ``WorldGenerator`` (same captions, new positions); with plant 2, also the unsteered generator against
   itself with other seeds.
@@ -58,9 +61,9 @@ QUICK = "--quick" in sys.argv
 N = 400 if QUICK else 1000
 SAE = {"n_concepts": 128, "top_k": 8, "n_epochs": 10} if QUICK else {"n_concepts": 256, "top_k": 8, "n_epochs": 20}
 STEER_SUPPRESS = ("red", "stripes")
-STEER_STRENGTH = 1.5
+STEER_STRENGTH = 2.5
 SAE_SUPPRESS = ("blue", "grid")
-SAE_SCALE = -5.0
+SAE_SCALE = -8.0
 WORLD_PLANT = {"suppress": {"red": 1.0, "yellow": 1.0, "stripes": 1.0, "blue circle": 1.0},
                "exaggerate": {"purple": 0.35, "dots": 0.6}}
 
@@ -151,7 +154,8 @@ def main() -> None:
     from evaluation.blindspots import compare_energies, find_blindspots, generate_images
     from evaluation.blindspots_coder import ConceptCoder
     from concepts.generators import AddVector
-    from evaluation.blindspots_world import WorldGenerator, label_changes, planted_recovery, unit_concept_map
+    from evaluation.blindspots_world import (WorldGenerator, detector_comparison, label_changes, planted_recovery,
+                                             unit_concept_map)
 
     t_all = time.perf_counter()
     real_world = ConceptWorld(seed=0, image_size=32, colour_probs={"purple": 0.15}, background_probs={"dots": 0.15})
@@ -179,7 +183,7 @@ def main() -> None:
         s = analysis.results[g].summary()
         null_rows.append((g, s["suppressed"] + s["exaggerated"], s["n_tested"]))
 
-    steering_info, unrealised, steering_s = [], [], {}
+    steering_info, unrealised, weak, steering_s, found_2f = [], [], [], {}, []
     n_steer = min(N, 500)
     calib = ConceptWorld(seed=0, image_size=32).sample(400, seed=50)
     for name in _builtin_generators():
@@ -210,13 +214,21 @@ def main() -> None:
                                          batch_size=100, progress=False)
             res = compare_energies(e_base, coder.transform(steered), names=coder.names)
             truth_s = label_changes(base_lab, detector.detect(steered))
-            # a steering plant counts only where it took effect: the detector must see the concept suppressed
-            # (>= 2-fold fewer images) in the steered images; plants that did not change the pixels are listed apart
-            realised = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
+            # a steering plant counts only where it took effect: the referee (the detector, its detections tested
+            # like the units, same delta thresholds and FDR) must itself flag the concept suppressed in the steered
+            # images; weaker plants (>= 2-fold fewer detections but delta inside the band) are listed and scored apart
+            referee = detector_comparison(detector, base, steered).set_index("truth")["status"]
+            realised = {c for c in concepts if referee.get(c) == "suppressed"}
+            halved = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
+            weak.extend(f"{c} ({label})" for c in concepts if c in halved and c not in realised)
+            unrealised.extend(f"{c} ({label})" for c in concepts if c not in realised | halved)
             planted = {c: "suppressed" for c in concepts if c in realised}
-            unrealised.extend(f"{c} ({label})" for c in concepts if c not in realised)
             if planted:
                 rows.append((label, planted, planted_recovery(res.concepts, unit_map, truth_s, planted)))
+            planted_2f = {c: "suppressed" for c in concepts if c in realised | halved}
+            if planted_2f:
+                rec_2f = planted_recovery(res.concepts, unit_map, truth_s, planted_2f)
+                found_2f.append((len(planted_2f), int(sum(rec_2f["found"].values()))))
             moved = truth_s[truth_s["change"] != ""]
             steering_info.append((label, layer, ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
                                                           zip(moved["truth"], moved["freq_real"], moved["freq_gen"]))))
@@ -250,16 +262,22 @@ def main() -> None:
         print(f"steering plants on {name}: {n_steer} pairs per plant, {secs:.1f} s")
     for label, layer, moved in steering_info:
         print(f"{label} (edited layer {layer}); detector-read concepts that changed >= 2-fold: {moved}")
+    if weak:
+        print(f"weak steering plants (>= 2-fold fewer detections, but the detector's own delta stays inside the band; "
+              f"not counted): {', '.join(weak)}")
     if unrealised:
         print(f"steering plants that did not take effect in the pixels (not counted): {', '.join(unrealised)}")
     if not steering_info:
         print("steering plants skipped: built-in generators not installed")
+    world_n, world_found = len(rows[0][1]), int(sum(rows[0][2]["found"].values()))
     result = {
         "precision": round(tot_ok / tot_flag, 4) if tot_flag else None,
         "recall": round(tot_found / tot_planted, 4),
         "null_flags": int(sum(f for _, f, _ in null_rows)),
         "n_planted": tot_planted,
         "n_unrealised_plants": len(unrealised),
+        "n_weak_plants": len(weak),
+        "recall_incl_weak": round((world_found + sum(f for _, f in found_2f)) / (world_n + sum(n for n, _ in found_2f)), 4),
         "world_precision": round(rows[0][2]["precision"], 4),
         "world_recall": round(rows[0][2]["recall"], 4),
         "n_pairs": N,

@@ -220,7 +220,6 @@ def main() -> None:
             referee = detector_comparison(detector, base, steered).set_index("truth")["status"]
             realised = {c for c in concepts if referee.get(c) == "suppressed"}
             halved = set(truth_s.loc[truth_s["change"] == "suppressed", "truth"])
-            weak.extend(f"{c} ({label})" for c in concepts if c in halved and c not in realised)
             unrealised.extend(f"{c} ({label})" for c in concepts if c not in realised | halved)
             planted = {c: "suppressed" for c in concepts if c in realised}
             if planted:
@@ -229,6 +228,7 @@ def main() -> None:
             if planted_2f:
                 rec_2f = planted_recovery(res.concepts, unit_map, truth_s, planted_2f)
                 found_2f.append((len(planted_2f), int(sum(rec_2f["found"].values()))))
+                weak.extend(f"{c} ({label}; found={rec_2f['found'][c]})" for c in planted_2f if c not in realised)
             moved = truth_s[truth_s["change"] != ""]
             steering_info.append((label, layer, ", ".join(f"{t} {f0:.2f}->{f1:.2f}" for t, f0, f1 in
                                                           zip(moved["truth"], moved["freq_real"], moved["freq_gen"]))))

@@ -30,13 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from cbm import ZeroShotClassifier  # noqa: E402
 from cbm.bayes import AGGREGATORS, BayesianZeroShot, class_concept_file, corrupt_class_concepts  # noqa: E402
-from concepts.encoders import OpenCLIPEncoder  # noqa: E402
 from concepts.vocabularies import read_class_concepts  # noqa: E402
 from concepts.world import ConceptWorld  # noqa: E402
 
@@ -61,10 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from concepts.zoo import load
+    from concepts.zoo.clip import load_builtin_clip_encoder
 
-    model, preprocess, tokenizer = load("conceptworld-clip")
-    enc = OpenCLIPEncoder(model, preprocess, tokenizer, name="conceptworld-clip")
+    enc = load_builtin_clip_encoder()
     world = ConceptWorld(seed=0)
     fit_b, test_b = world.sample(args.n_fit, seed=1), world.sample(args.n_test, seed=2)
     Xfit = enc.encode_images(fit_b.images, batch_size=256).numpy()

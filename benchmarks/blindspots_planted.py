@@ -104,6 +104,14 @@ def _counterfactual(caption: str, concept: str, i: int) -> str:
     return caption[: -len(BACKGROUND_PHRASES[concept])] + BACKGROUND_PHRASES[others[i % len(others)]]
 
 
+def cond_states(gen, layer: str, prompts: list[str]) -> torch.Tensor:
+    """The conditional (CFG) rows of ``layer`` for ``prompts``, ``[n_prompts, tokens, width]`` (text states: one
+    denoising step is enough)."""
+    short = {"steps": 1} if "steps" in getattr(gen, "settings", {}) else {}
+    cache = gen.run_with_cache(list(prompts), list(range(len(prompts))), [layer], **short)
+    return cache.split_cfg(layer)[0].float()
+
+
 def steering_direction(gen, layer: str, concept: str, captions: list[str], n: int = 80) -> torch.Tensor:
     """Mean difference of the conditional activations of ``layer`` between captions with ``concept`` and the same
     captions with it swapped for another value (over the token positions that differ): a concept direction."""
@@ -115,13 +123,7 @@ def steering_direction(gen, layer: str, concept: str, captions: list[str], n: in
         with_c = [c for c in captions if f" {concept} " in f" {c} "][:n]
     without = [_counterfactual(c, concept, i) for i, c in enumerate(with_c)]
 
-    short = {"steps": 1} if "steps" in getattr(gen, "settings", {}) else {}  # one denoising step is enough
-
-    def cond(prompts):
-        cache = gen.run_with_cache(prompts, list(range(len(prompts))), [layer], **short)
-        return cache.split_cfg(layer)[0].float()
-
-    diff = cond(with_c) - cond(without)
+    diff = cond_states(gen, layer, with_c) - cond_states(gen, layer, without)
     return diff[diff.abs().sum(-1) > 1e-4].mean(0)
 
 
@@ -134,10 +136,8 @@ def sae_feature_edit(gen, layer: str, concepts: tuple[str, ...], calib) -> tuple
     from evaluation.blindspots_world import unit_concept_map
     from sae import TopKSAE
 
-    short = {"steps": 1} if "steps" in getattr(gen, "settings", {}) else {}
     n = len(calib.captions)
-    cache = gen.run_with_cache(list(calib.captions), list(range(n)), [layer], **short)
-    states = cache.split_cfg(layer)[0].float()
+    states = cond_states(gen, layer, list(calib.captions))
     flat = states.reshape(-1, states.shape[-1])
     sae = TopKSAE(n_concepts=128, top_k=8, n_epochs=30, batch_size=256, b_dec_init="mean", random_state=0)
     sae.fit(flat)

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 from cbm import ConceptBottleneckModel  # noqa: E402
 from cbm.energy import EnergyCBM, conditional_mae, empirical_conditionals  # noqa: E402
 from cbm.metrics import concept_metrics  # noqa: E402
-from concepts.encoders import OpenCLIPEncoder  # noqa: E402
 from concepts.world import ConceptWorld, Rule  # noqa: E402
 
 CONCEPTS = ["red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "cross",
@@ -72,10 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from concepts.zoo import load
+    from concepts.zoo.clip import load_builtin_clip_encoder
 
-    model, preprocess, tokenizer = load("conceptworld-clip")
-    enc = OpenCLIPEncoder(model, preprocess, tokenizer, name="conceptworld-clip")
+    enc = load_builtin_clip_encoder()
     world = ConceptWorld(seed=0, rules=RULES, correlations=[(a, b, 0.95) for a, b in PAIRS])
     t0 = time.perf_counter()
     train, test = world.sample(args.n_train, seed=1), world.sample(args.n_test, seed=2)

@@ -241,12 +241,9 @@ class ConceptCoder:
         --------
         >>> coder = ConceptCoder.builtin()   # doctest: +SKIP
         """
-        from concepts.encoders import OpenCLIPEncoder
-        from concepts.zoo import load
+        from concepts.zoo.clip import load_builtin_clip_encoder
 
-        clip = load("conceptworld-clip", device=device)
-        encoder = OpenCLIPEncoder(clip.model.float(), clip.preprocess, clip.tokenizer, device=device,
-                                  name="conceptworld-clip")
+        encoder = load_builtin_clip_encoder(device)
         if kwargs.get("layer") is None:
             kwargs["layer"] = BUILTIN_LAYER
         return cls(encoder, **kwargs)

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ZooCLIP", "ToRGBImage", "build_clip", "build_preprocess", "fast_normalize", "load_clip",
-    "load_conceptworld_clip", "CONFIG_FORMAT", "CLIP_NAME",
+    "load_conceptworld_clip", "load_builtin_clip_encoder", "CONFIG_FORMAT", "CLIP_NAME",
 ]
 
 CONFIG_FORMAT = "conceptkit.zoo.clip"
@@ -267,3 +267,19 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", *, verify_ch
 def load_conceptworld_clip(device: str | torch.device = "cpu", path: str | Path | None = None) -> ZooCLIP:
     """Registry loader of ``"conceptworld-clip"``: :func:`load_clip` on the shipped folder (or ``path``)."""
     return load_clip(weights_dir(CLIP_NAME) if path is None else path, device=device)
+
+
+def load_builtin_clip_encoder(device: str | torch.device = "cpu") -> Any:
+    """The built-in ``conceptworld-clip`` as a :class:`concepts.encoders.OpenCLIPEncoder` (float32, named
+    ``"conceptworld-clip"``): what the blindspot coder, the erasure metrics and the benchmarks encode images with.
+
+    Examples
+    --------
+    >>> enc = load_builtin_clip_encoder()
+    >>> enc.encode_images(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape[0]
+    2
+    """
+    from concepts.encoders import OpenCLIPEncoder
+
+    model, preprocess, tokenizer = load_conceptworld_clip(device)
+    return OpenCLIPEncoder(model.float(), preprocess, tokenizer, device=device, name=CLIP_NAME)

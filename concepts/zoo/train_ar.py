@@ -25,8 +25,9 @@ Recipe (defaults of :class:`VQConfig` and :class:`LMConfig`):
   (shipped); the VQ and the unused SigLIP tower are frozen;
 * the text-conditioned stage starts from the EMA weights of the prior stage (1,200 steps, same recipe with
   all-zero text states), except the aligner's input layer, whose width differs;
-* monitor: every checkpoint, 64 held-out captions are generated with the EMA weights (guidance 3) and read by the
-  ``conceptworld-detector``.
+* monitor: every checkpoint, 64 held-out captions are generated with the EMA weights and the shipped sampling
+  settings (``concepts.zoo.autoregressive.DEFAULT_SETTINGS``; guidance 3 when the shipped model was trained,
+  20 now) and read by the ``conceptworld-detector``.
 """
 from __future__ import annotations
 

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from concepts.zoo.clip import load_builtin_clip_encoder
+
 __all__ = [
     "ErasureResult",
     "PromptSet",
@@ -231,15 +233,6 @@ def erasure_prompt_sets(
 # ---------------------------------------------------------------------------------------------
 # the built-in CLIP and an SAE concept probe on its embeddings
 # ---------------------------------------------------------------------------------------------
-def load_builtin_clip_encoder(device: str | torch.device = "cpu") -> Any:
-    """The built-in ``conceptworld-clip`` as a :class:`concepts.encoders.OpenCLIPEncoder`."""
-    from concepts import zoo
-    from concepts.encoders import OpenCLIPEncoder
-
-    model, preprocess, tokenizer = zoo.load("conceptworld-clip", device=device)
-    return OpenCLIPEncoder(model, preprocess, tokenizer, device=device, name="conceptworld-clip")
-
-
 def _best_threshold(energy: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Threshold ``t`` (predict ``energy > t``) with the best balanced accuracy; returns ``(t, accuracy)``."""
     order = np.argsort(energy, kind="stable")
